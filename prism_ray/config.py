@@ -309,8 +309,10 @@ def config_from_dict(raw: dict) -> Config:
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a mapping of sections")
     raw = dict(raw)
-    raw["recover"] = _resolve_preset(raw.get("recover"), "recover", "recover")
-    raw["evaluate"] = _resolve_preset(raw.get("evaluate"), "evaluate", "evaluate", key="recipe")
+    if "recover" in raw:
+        raw["recover"] = _resolve_preset(raw["recover"], "recover", "recover")
+    if "evaluate" in raw:
+        raw["evaluate"] = _resolve_preset(raw["evaluate"], "evaluate", "evaluate", key="recipe")
     cfg = _build(Config, raw, "")
     main = dataclasses.asdict(cfg.recover)
     for name, overrides in cfg.baselines.recover.items():
@@ -379,10 +381,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
+    if tp is dict or origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(path, f"must be a mapping, got {value!r}")
-        _, val_tp = typing.get_args(tp)
+        _, val_tp = typing.get_args(tp) or (str, Any)
         return {str(k): _convert(val_tp, v, f"{path}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
@@ -466,7 +468,7 @@ def validate(cfg: Config) -> None:
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
-        if names.count(spec.name) > 1:
+        if names.index(spec.name) != i:
             raise ConfigError(f"teachers.models[{i}].name", f"{spec.name!r} is used twice; names must be unique")
         if spec.arch not in ARCHITECTURES:
             raise ConfigError(f"teachers.models[{i}].arch",

@@ -71,11 +71,13 @@ def _first_conv_in(module: nn.Module, path: list, in_channels: int, small: bool)
         setattr(parent, last, new)
 
 
-def _mobilenet_v2(num_classes: int, in_channels: int, small: bool) -> nn.Module:
-    m = torchvision.models.mobilenet_v2(num_classes=num_classes)
-    if small or in_channels != 3:
-        _first_conv_in(m, ["features", 0, 0], in_channels, small)
-    return m
+def _mobilenet_v2(width: float) -> Callable:
+    def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
+        m = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
+        if small or in_channels != 3:
+            _first_conv_in(m, ["features", 0, 0], in_channels, small)
+        return m
+    return build
 
 
 def _mobilenet_v3(fn: Callable) -> Callable:
@@ -134,8 +136,10 @@ def _vgg(fn: Callable) -> Callable:
         m = fn(num_classes=num_classes)
         if in_channels != 3:
             m.features[0] = nn.Conv2d(in_channels, m.features[0].out_channels, 3, padding=1)
-        if small:
-            m.avgpool = nn.AdaptiveAvgPool2d(7)
+        if small:  # five 2x max-pools would leave nothing of 28 px: keep the last three
+            pools = [i for i, layer in enumerate(m.features) if isinstance(layer, nn.MaxPool2d)]
+            for i in pools[:2]:
+                m.features[i] = nn.Identity()
         return m
     return build
 
@@ -153,7 +157,8 @@ ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "resnet101": _resnet(tvm.resnet101),
     "resnet152": _resnet(tvm.resnet152),
     "wide_resnet50_2": _resnet(tvm.wide_resnet50_2),
-    "mobilenet_v2": _mobilenet_v2,
+    "mobilenet_v2": _mobilenet_v2(1.0),
+    "mobilenet_v2_x0_5": _mobilenet_v2(0.5),  # no torchvision weights: for small data
     "mobilenet_v3_small": _mobilenet_v3(tvm.mobilenet_v3_small),
     "mobilenet_v3_large": _mobilenet_v3(tvm.mobilenet_v3_large),
     "efficientnet_b0": _efficientnet(tvm.efficientnet_b0),

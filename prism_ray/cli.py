@@ -1,0 +1,150 @@
+"""`prism-ray`: run the pipeline or one stage of it, plan a run, and read a run's status and report.
+
+Exit codes: 0 done, 1 some units failed (the message names them and how to resume), 2 a problem to fix
+before anything can run (config, data, storage, teachers), 130 interrupted.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Sequence
+
+from prism_ray.config import STAGES, ConfigError, load_config
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    from prism_ray.algo.teachers import TeacherError
+    from prism_ray.data import DataError
+    from prism_ray.stages.base import StageError
+    from prism_ray.storage import StorageError
+    return ConfigError, DataError, StorageError, TeacherError, StageError
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML config (default: the embedded Fashion-MNIST defaults)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config field (repeatable), e.g. --set recover.lr=0.1")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    _add_config_args(p)
+    p.add_argument("--fresh", action="store_true",
+                   help="delete this stage's outputs (and later stages' run in this call) and start over")
+    p.add_argument("--local", action="store_true", help="run units in this process, without Ray")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.add_argument("--json", action="store_true", help="print the stage reports as JSON at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="prism-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run the configured stages in order (run.stages)")
+    _add_run_args(p)
+    p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
+    for stage in STAGES:
+        _add_run_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
+    p = sub.add_parser("plan", help="print what a run would do, without running anything")
+    _add_config_args(p)
+    p = sub.add_parser("validate", help="check a config and print it resolved")
+    _add_config_args(p)
+    for name, text in (("status", "what is committed, missing and failed, per stage (reads storage only)"),
+                       ("report", "print the results table of a run")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("run_uri", help="the run's output URI (run.output)")
+        p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
+        p.add_argument("--json", action="store_true")
+    sub.add_parser("teachers", help="list the architectures teachers and students can use")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except _expected_errors() as e:
+        print(f"prism-ray: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("prism-ray: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "teachers":
+        from prism_ray.algo.teachers import ARCHITECTURES
+        print("\n".join(sorted(ARCHITECTURES)))
+        return EXIT_OK
+    if args.command in ("status", "report"):
+        from prism_ray import status
+        from prism_ray.config import StorageConfig
+        from prism_ray.storage import Storage
+        storage = Storage(args.run_uri, StorageConfig(endpoint_url=args.endpoint_url))
+        if args.command == "status":
+            return status.print_status(storage, as_json=args.json)
+        from prism_ray import report
+        return report.print_report(storage, as_json=args.json)
+
+    cfg = load_config(args.config, args.overrides)
+    if args.command == "validate":
+        import yaml
+        print(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False), end="")
+        return EXIT_OK
+    if args.command == "plan":
+        from prism_ray import plan
+        print(plan.describe(cfg))
+        return EXIT_OK
+    if args.command == "run":
+        stages = args.stages.split(",") if args.stages else list(cfg.run.stages)
+        for s in stages:
+            if s not in STAGES:
+                raise ConfigError("--stages", f"unknown stage {s!r}; allowed: {', '.join(STAGES)}")
+    else:
+        stages = [args.command]
+    return run_command(cfg, stages, fresh=args.fresh, local=args.local, quiet=args.quiet, as_json=args.json)
+
+
+def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = False, quiet: bool = False,
+                as_json: bool = False) -> int:
+    """Run `stage_names` of `cfg` and summarise: the body of `prism-ray run` and the per-stage commands."""
+    from prism_ray import pipeline
+
+    context = pipeline.data_context(cfg)  # missing data fails here, before anything is written
+    storage = pipeline.open_storage(cfg)
+    storage.check_writable()
+    pipeline.record_run(cfg, storage, context)
+    stages = pipeline.build_stages(cfg, storage, context, stage_names)
+    if local:
+        from prism_ray.orchestration.local import run_stage_local
+
+        def executor(stage):
+            return run_stage_local(stage, max_attempts=cfg.ray.max_attempts, quiet=quiet)
+        reports = pipeline.run_stages(stages, executor, fresh=fresh)
+    else:
+        from prism_ray.orchestration.cluster import ray_session
+        from prism_ray.orchestration.dispatch import run_stage_ray
+        with ray_session(cfg.ray, storage_env=cfg.storage):
+            reports = pipeline.run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)
+
+    if as_json:
+        print(json.dumps([r.to_json() for r in reports], indent=2))
+    failed = [r for r in reports if not r.complete]
+    for r in reports:
+        if not quiet:
+            print(f"{r.stage}: {r.ran} run, {r.skipped} already committed, {len(r.failed)} failed "
+                  f"({r.seconds:.1f} s)", file=sys.stderr)
+    if failed:
+        r = failed[0]
+        names = ", ".join(sorted(r.failed)) or "(none recorded)"
+        print(f"prism-ray: {r.stage}: {len(r.failed)} unit(s) failed: {names}.\n"
+              + "\n".join(f"  {uid}: {err}" for uid, err in sorted(r.failed.items())[:10])
+              + f"\nFix the cause and rerun the same command: committed units are kept, only the rest run. "
+                f"`prism-ray status {cfg.run.output}` shows the state.", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Joining or starting Ray for one driver invocation."""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Iterator
+
+from prism_ray.config import RayConfig, StorageConfig
+from prism_ray.stages.base import StageError
+
+LOOPBACK = "127.0.0.1"
+
+
+@contextlib.contextmanager
+def ray_session(cfg: RayConfig, storage_env: StorageConfig | None = None) -> Iterator[None]:
+    """Use the Ray this process is already connected to, else start a local one or join `cfg.address`.
+
+    A local instance binds to loopback only: it is for one machine, and must not open ports outward.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs = dict(namespace=cfg.namespace, logging_level=logging.WARNING, log_to_driver=True)
+    try:
+        if cfg.address in (None, "", "local"):
+            ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=cfg.num_cpus, include_dashboard=False,
+                     **kwargs)
+        else:
+            ray.init(address=cfg.address, **kwargs)
+    except ConnectionError as e:
+        raise StageError(f"cannot connect to Ray at ray.address={cfg.address!r}: {e}") from None
+    except Exception as e:  # noqa: BLE001 - token and version problems surface as assorted types
+        text = str(e)
+        if "auth" in text.lower() and "token" in text.lower():
+            raise StageError(f"Ray at {cfg.address!r} requires a token: set RAY_AUTH_MODE=token and the token "
+                             f"(~/.ray/auth_token or RAY_AUTH_TOKEN) ({text})") from None
+        raise
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def worker_threads(cpus: float) -> int:
+    return max(1, int(cpus))
+
+
+def set_torch_threads(cpus: float) -> None:
+    import torch
+    n = worker_threads(cpus)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    torch.set_num_threads(n)

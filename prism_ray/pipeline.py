@@ -1,0 +1,84 @@
+"""The driver's view of a run: which stages exist for a config, in what order, and running them.
+
+A run lives under one URI. At the start it records the resolved config (secrets redacted) and the data
+facts every stage needs; each stage then records its own config fingerprint and plan, so that `status`
+can report on a run from storage alone and a resume can refuse a changed config.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+from prism_ray.config import STAGES, Config
+from prism_ray.data import build_dataset
+from prism_ray.orchestration.progress import StageReport
+from prism_ray.stages.base import RunContext, Stage
+from prism_ray.storage import Storage
+
+RUN_RECORD = "run.json"
+
+
+def open_storage(cfg: Config) -> Storage:
+    return Storage(cfg.run.output, cfg.storage)
+
+
+def data_context(cfg: Config) -> RunContext:
+    """Class names and per-class counts of the (capped) training set."""
+    train = build_dataset(cfg.data, "train", cfg.storage)
+    return RunContext(train.num_classes, train.class_names, train.counts())
+
+
+def build_stages(cfg: Config, storage: Storage, context: RunContext, names: list[str] | None = None) -> list[Stage]:
+    """The stages of `names` (default: run.stages), in pipeline order, one per unit family."""
+    from prism_ray.stages.squeeze import SqueezeStage
+
+    wanted = [s for s in STAGES if s in (names or cfg.run.stages)]
+    stages: list[Stage] = []
+    for kind in wanted:
+        if kind == "squeeze":
+            stages.append(SqueezeStage(cfg, storage, context))
+        elif kind == "recover":
+            from prism_ray.stages.recover import recover_stages
+            stages.extend(recover_stages(cfg, storage, context))
+        elif kind == "relabel":
+            from prism_ray.stages.relabel import relabel_stages
+            stages.extend(relabel_stages(cfg, storage, context))
+        elif kind == "evaluate":
+            from prism_ray.stages.evaluate import evaluate_stages
+            stages.extend(evaluate_stages(cfg, storage, context))
+    return stages
+
+
+def record_run(cfg: Config, storage: Storage, context: RunContext) -> None:
+    storage.write_json(RUN_RECORD, {"config": cfg.to_dict(redact=True), "context": context.to_json(),
+                                    "started": time.time()})
+
+
+def record_plan(stage: Stage) -> None:
+    units = stage.units()
+    stage.storage.write_json(f"{stage.prefix}/plan.json", {
+        "stage": stage.name, "kind": stage.kind, "unit_noun": stage.unit_noun, "units": [u.id for u in units],
+        "unit_images": {u.id: stage.images_per_unit(u) for u in units}})
+
+
+Executor = Callable[[Stage], StageReport]
+
+
+def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
+               on_report: Callable[[StageReport], None] | None = None) -> list[StageReport]:
+    """Check every stage's config first (refusing before any work), then run them in order.
+
+    A stage that does not complete stops the pipeline: later stages need all of its outputs.
+    """
+    for stage in stages:
+        stage.check_config(fresh=fresh)
+        record_plan(stage)
+    reports = []
+    for stage in stages:
+        report = executor(stage)
+        reports.append(report)
+        if on_report:
+            on_report(report)
+        if not report.complete:
+            break
+    return reports

@@ -1,0 +1,86 @@
+"""Loading the teachers a config names, from wherever their weights live (run storage, a URI, torchvision).
+
+Workers call `load_pool` once when they start and keep the models for every unit they run.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from prism_ray.algo.teachers import ModelShape, TeacherError, build_model, freeze, load_checkpoint, load_torchvision
+from prism_ray.config import Config, TeacherSpec
+from prism_ray.storage import Storage, filesystem, translate_errors
+
+SQUEEZE_PREFIX = "squeeze"
+
+
+def checkpoint_key(name: str) -> str:
+    """Where squeeze writes teacher `name`'s checkpoint, relative to the run."""
+    return f"{SQUEEZE_PREFIX}/teachers/{name}.pt"
+
+
+def model_shape(cfg: Config, num_classes: int) -> ModelShape:
+    return ModelShape(num_classes, cfg.data.channels, cfg.data.resolution)
+
+
+def _read_uri(uri: str, cfg: Config) -> bytes:
+    cache_dir = cfg.teachers.cache_dir
+    cached = None
+    if cache_dir:  # node-local copy: a cluster reads each checkpoint from storage once per node
+        cached = os.path.join(os.path.expanduser(cache_dir), hashlib.sha256(uri.encode()).hexdigest()[:24] + ".pt")
+        if os.path.exists(cached):
+            with open(cached, "rb") as f:
+                return f.read()
+    fs, path = filesystem(uri, cfg.storage)
+    with translate_errors("cannot read checkpoint", uri):
+        try:
+            data = fs.cat_file(path)
+        except FileNotFoundError:
+            raise TeacherError(f"checkpoint {uri} not found") from None
+    if cached:
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        tmp = f"{cached}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, cached)
+    return data
+
+
+def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Storage) -> nn.Module:
+    """The model of `spec` with its weights, on the CPU, in train/eval mode as built (not frozen)."""
+    w = spec.weights
+    where = f"teacher {spec.name!r} ({spec.arch})"
+    if w == "squeeze":
+        key = checkpoint_key(spec.name)
+        try:
+            data = storage.read_bytes(key)
+        except FileNotFoundError:
+            raise TeacherError(f"{where}: no squeeze checkpoint at {storage.uri(key)}; run the squeeze stage "
+                               f"first (prism-ray squeeze CONFIG)") from None
+        return load_checkpoint(data, spec.arch, shape, source=f"{where} {storage.uri(key)}")
+    if w == "random":
+        return build_model(spec.arch, shape)
+    if w.startswith("torchvision:"):
+        if cfg.teachers.cache_dir:
+            os.environ["TORCH_HOME"] = os.path.expanduser(cfg.teachers.cache_dir)
+        return load_torchvision(spec.arch, w.split(":", 1)[1], shape)
+    return load_checkpoint(_read_uri(w, cfg), spec.arch, shape, source=f"{where} {w}")
+
+
+def load_pool(names: Iterable[str], shape: ModelShape, cfg: Config, storage: Storage,
+              device: torch.device) -> dict[str, nn.Module]:
+    """Frozen teachers by name, on `device`, each loaded once."""
+    pool = {}
+    for name in dict.fromkeys(names):
+        model = load_teacher(cfg.teacher(name), shape, cfg, storage)
+        pool[name] = freeze(model).to(device)
+    return pool
+
+
+def best_device() -> torch.device:
+    """CUDA when this process sees a GPU (Ray sets CUDA_VISIBLE_DEVICES per actor), else the CPU."""
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")

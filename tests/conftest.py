@@ -1,0 +1,78 @@
+"""Shared fixtures: a real S3 endpoint (moto server on loopback), real Ray, small real configs."""
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+
+# Fake credentials for the moto endpoint, set before any Ray process starts so workers inherit them.
+os.environ.setdefault("AWS_ACCESS_KEY_ID", "prism-ray-test")
+os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "prism-ray-test-secret")
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch  # noqa: E402
+
+torch.set_num_threads(2)
+
+FMNIST_ROOT = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on 127.0.0.1: the same HTTP API s3fs and boto3 speak to AWS."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint):
+    """A fresh bucket; returns its name."""
+    import boto3
+
+    name = f"prism-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=name)
+    return name
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    """A local Ray instance on loopback for one test module."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(address="local", _node_ip_address="127.0.0.1", num_cpus=4, include_dashboard=False,
+             namespace="prism-ray", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def small_config(output: str, **sections):
+    """A config for tests: Fashion-MNIST, few images, tiny teachers, local storage unless told."""
+    from prism_ray.config import config_from_dict
+
+    raw = {
+        "run": {"name": "test", "output": output, "seed": 0},
+        "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "max_per_class": 60, "max_val": 500},
+        "teachers": {"models": [{"name": "convnet", "arch": "convnet", "weights": "squeeze"},
+                                {"name": "shufflenet", "arch": "shufflenet_v2_x0_5", "weights": "squeeze"}]},
+        "squeeze": {"epochs": 1, "batch_size": 64},
+        "ray": {"workers": 2, "cpus_per_worker": 1},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return config_from_dict(raw)
