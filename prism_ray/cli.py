@@ -109,25 +109,9 @@ def _dispatch(args: argparse.Namespace) -> int:
 def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = False, quiet: bool = False,
                 as_json: bool = False) -> int:
     """Run `stage_names` of `cfg` and summarise: the body of `prism-ray run` and the per-stage commands."""
-    from prism_ray import pipeline
+    from prism_ray.pipeline import execute
 
-    context = pipeline.data_context(cfg)  # missing data fails here, before anything is written
-    storage = pipeline.open_storage(cfg)
-    storage.check_writable()
-    pipeline.record_run(cfg, storage, context)
-    stages = pipeline.build_stages(cfg, storage, context, stage_names)
-    if local:
-        from prism_ray.orchestration.local import run_stage_local
-
-        def executor(stage):
-            return run_stage_local(stage, max_attempts=cfg.ray.max_attempts, quiet=quiet)
-        reports = pipeline.run_stages(stages, executor, fresh=fresh)
-    else:
-        from prism_ray.orchestration.cluster import ray_session
-        from prism_ray.orchestration.dispatch import run_stage_ray
-        with ray_session(cfg.ray, storage_env=cfg.storage):
-            reports = pipeline.run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)
-
+    reports = execute(cfg, stage_names, fresh=fresh, local=local, quiet=quiet)
     if as_json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     failed = [r for r in reports if not r.complete]

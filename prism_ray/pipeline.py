@@ -82,3 +82,20 @@ def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
         if not report.complete:
             break
     return reports
+
+
+def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: bool = False,
+            quiet: bool = False) -> list[StageReport]:
+    """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, then run on Ray or in-process."""
+    context = data_context(cfg)  # missing data fails here, before anything is written
+    storage = open_storage(cfg)
+    storage.check_writable()
+    record_run(cfg, storage, context)
+    stages = build_stages(cfg, storage, context, stage_names)
+    if local:
+        from prism_ray.orchestration.local import run_stage_local
+        return run_stages(stages, lambda st: run_stage_local(st, cfg.ray.max_attempts, quiet=quiet), fresh=fresh)
+    from prism_ray.orchestration.cluster import ray_session
+    from prism_ray.orchestration.dispatch import run_stage_ray
+    with ray_session(cfg.ray):
+        return run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)

@@ -6,14 +6,14 @@ import logging
 import os
 from typing import Iterator
 
-from prism_ray.config import RayConfig, StorageConfig
+from prism_ray.config import RayConfig
 from prism_ray.stages.base import StageError
 
 LOOPBACK = "127.0.0.1"
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig, storage_env: StorageConfig | None = None) -> Iterator[None]:
+def ray_session(cfg: RayConfig) -> Iterator[None]:
     """Use the Ray this process is already connected to, else start a local one or join `cfg.address`.
 
     A local instance binds to loopback only: it is for one machine, and must not open ports outward.

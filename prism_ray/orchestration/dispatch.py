@@ -129,6 +129,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                     else:
                         queue.appendleft(unit)
                     if slot.generation == generation:  # replace the actor once, not once per lost unit
+                        report.workers_lost += 1
                         progress.note(f"worker {sid} lost ({type(e).__name__}); starting a replacement, "
                                       f"requeueing its {stage.unit_noun}s")
                         _kill(slot.actor)

@@ -15,6 +15,7 @@ class StageReport:
     duplicates: int = 0  # finished again by a late attempt after another had committed (outputs unchanged)
     failed: dict[str, str] = field(default_factory=dict)  # unit id -> last error
     attempts: int = 0
+    workers_lost: int = 0  # actors that died (killed, node lost) and were replaced
     images: int = 0
     seconds: float = 0.0
 
@@ -25,7 +26,7 @@ class StageReport:
     def to_json(self) -> dict:
         return {"stage": self.stage, "total": self.total, "skipped": self.skipped, "ran": self.ran,
                 "duplicates": self.duplicates, "failed": self.failed, "attempts": self.attempts,
-                "images": self.images, "seconds": round(self.seconds, 3), "complete": self.complete}
+                "workers_lost": self.workers_lost, "images": self.images, "seconds": round(self.seconds, 3), "complete": self.complete}
 
 
 def _hms(seconds: float) -> str:

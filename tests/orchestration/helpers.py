@@ -1,0 +1,43 @@
+"""Small recover runs for orchestration tests: random-weight teachers (no squeeze), a few classes."""
+from __future__ import annotations
+
+import posixpath
+
+from prism_ray.config import config_from_dict
+from prism_ray.stages.recover import recover_prefix
+from prism_ray.storage import ShardStore, Storage
+from tests.conftest import FMNIST_ROOT
+
+
+def recover_config(output: str, *, ipc: int = 6, classes: int = 4, group: int = 2, iterations: int = 10,
+                   workers: int = 2, **sections):
+    raw = {
+        "run": {"name": "orch", "output": output, "seed": 1, "stages": ["recover"]},
+        "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": classes, "max_per_class": 20},
+        "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
+                                {"name": "t2", "arch": "convnet", "weights": "random"}]},
+        "recover": {"primary": "t1", "bn_pool": ["t2"], "ipc": ipc, "class_group": group, "iterations": iterations,
+                    "schedule": "flat", "jitter": 2, "image_format": "png"},
+        "baselines": {"random_real": False},
+        "ray": {"workers": workers, "cpus_per_worker": 1, "max_attempts": 2},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return config_from_dict(raw)
+
+
+def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, expected_images: int) -> None:
+    """Every shard committed once, every image listed once with its checksum, no image outside a manifest."""
+    store = ShardStore(storage, recover_prefix(set_name))
+    committed = store.committed()
+    assert len(committed) == expected_shards
+    listed = []
+    for sid in committed:
+        assert store.verify(sid) == [], sid
+        listed += store.read(sid).column("path").to_pylist()
+    assert len(listed) == len(set(listed)) == expected_images
+    on_disk = [posixpath.relpath(p, storage.path(recover_prefix(set_name)))
+               for p in storage.fs.find(storage.path(f"{recover_prefix(set_name)}/images"))]
+    assert sorted(on_disk) == sorted(listed)
+    combined = storage.read_table(f"{recover_prefix(set_name)}/manifest.parquet")
+    assert combined.num_rows == expected_images
