@@ -12,6 +12,9 @@ os.environ.setdefault("AWS_ACCESS_KEY_ID", "prism-ray-test")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "prism-ray-test-secret")
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Without this, ray.init(address="127.0.0.1:port") swaps 127.0.0.1 for the machine's interface address,
+# where a loopback-bound test cluster does not listen (read by Ray at import: set before importing ray).
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 import torch  # noqa: E402
 

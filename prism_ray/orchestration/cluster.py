@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 from typing import Iterator
 
 from prism_ray.config import RayConfig
@@ -18,6 +19,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
 
     A local instance binds to loopback only: it is for one machine, and must not open ports outward.
     """
+    if cfg.address and cfg.address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+        _keep_loopback_addresses()
     import ray
 
     if ray.is_initialized():
@@ -42,6 +45,15 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def _keep_loopback_addresses() -> None:
+    """Connect to a loopback-bound cluster as given: by default Ray resolves 127.0.0.1 in an address to
+    the machine's interface address, where such a cluster does not listen."""
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # already imported: the flag was read at import time
+        constants.ENABLE_RAY_CLUSTER = False
 
 
 def worker_threads(cpus: float) -> int:

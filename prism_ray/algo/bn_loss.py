@@ -1,0 +1,92 @@
+"""BN alignment: how far a batch's per-channel statistics lie from what a teacher saw in training.
+
+For each BatchNorm layer l of a teacher, with x_l the layer's input,
+
+    R_l = || mean(x_l) - running_mean_l ||_2 + || var(x_l) - running_var_l ||_2
+
+(mean and biased variance per channel over batch and space). A teacher's BN loss is sum_l w_l R_l with
+w_0 = first_multiplier for its first BN layer (in module order) and 1 elsewhere. Several teachers are
+combined by `average_bn_loss`.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional
+
+import torch
+from torch import nn
+
+_BatchNorm = nn.modules.batchnorm._BatchNorm
+
+
+def bn_layers(model: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers of `model` that keep running statistics, in module order."""
+    return [m for m in model.modules() if isinstance(m, _BatchNorm) and m.running_mean is not None]
+
+
+def bn_statistic_loss(x: torch.Tensor, running_mean: torch.Tensor, running_var: torch.Tensor) -> torch.Tensor:
+    """||mean - running_mean||_2 + ||biased var - running_var||_2 of `x` per channel (dim 1), in fp32."""
+    dims = [d for d in range(x.dim()) if d != 1]
+    # fp32 whatever autocast made of the activations: the statistics are what the loss is about
+    var, mean = torch.var_mean(x.float(), dim=dims, correction=0)
+    return (torch.linalg.vector_norm(mean - running_mean.float())
+            + torch.linalg.vector_norm(var - running_var.float()))
+
+
+class BNStatisticHooks:
+    """Forward hooks on every BN layer of one teacher; after its forward pass, `pop_loss()` is its BN loss."""
+
+    def __init__(self, model: nn.Module, first_multiplier: float = 10.0):
+        self.layers = bn_layers(model)
+        self.weights = [first_multiplier] + [1.0] * (len(self.layers) - 1) if self.layers else []
+        self._terms: dict[int, torch.Tensor] = {}
+        self._handles = [layer.register_forward_hook(self._hook(i)) for i, layer in enumerate(self.layers)]
+
+    def _hook(self, index: int):
+        def record(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self._terms[index] = bn_statistic_loss(inputs[0], module.running_mean, module.running_var)
+        return record
+
+    @property
+    def has_bn(self) -> bool:
+        return bool(self.layers)
+
+    def pop_loss(self) -> Optional[torch.Tensor]:
+        """The weighted sum over the layers that ran since the last call (None if none did); clears them."""
+        if not self._terms:
+            return None
+        terms, self._terms = self._terms, {}
+        return sum(self.weights[i] * t for i, t in sorted(terms.items()))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles, self._terms = [], {}
+
+    def __enter__(self) -> "BNStatisticHooks":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+
+def teacher_bn_loss(model: nn.Module, x: torch.Tensor, first_multiplier: float = 10.0) -> Optional[torch.Tensor]:
+    """One forward of `model` on `x` and its BN loss (None for a model without BN layers)."""
+    with BNStatisticHooks(model, first_multiplier) as hooks:
+        model(x)
+        return hooks.pop_loss()
+
+
+def average_bn_loss(losses: Mapping[str, Optional[torch.Tensor]], mode: str) -> Optional[torch.Tensor]:
+    """Mean BN loss over teachers; None marks a teacher without BN layers.
+
+    mode 'bn_only' divides by the number of teachers with BN layers; 'reference' divides by all teachers
+    drawn, as the authors' code does (a BN-free alexnet then halves the term without adding to it).
+    Returns None when no teacher contributes a BN loss.
+    """
+    if mode not in ("bn_only", "reference"):
+        raise ValueError(f"bn_average must be 'bn_only' or 'reference', got {mode!r}")
+    present = [v for v in losses.values() if v is not None]
+    if not present:
+        return None
+    divisor = len(losses) if mode == "reference" else len(present)
+    return sum(present) / divisor

@@ -1,0 +1,199 @@
+"""One shard end to end on tiny teachers: forward counts, teacher sets, averaging, determinism, records."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from prism_ray.algo.encode import decode_images
+from prism_ray.algo.synthesize import ShardSpec, initial_images, synthesize_shard
+from prism_ray.algo.teachers import ModelShape, build_model, freeze
+from prism_ray.config import RecoverConfig
+
+SHAPE = (1, 16, 16)
+
+
+def recover_cfg(**overrides) -> RecoverConfig:
+    base = dict(primary="primary", bn_pool=["bn_a", "bn_b", "no_bn"], selection="pre", slots=3, slot_prob=0.5,
+                init="noise", lr=0.1, iterations=6, schedule="flat", jitter=2, crop_scale=[0.5, 1.0],
+                image_format="png")
+    return RecoverConfig(**{**base, **overrides})
+
+
+def spec(seed: int = 11, classes=(0, 3, 5, 7), ipc: int = 0) -> ShardSpec:
+    return ShardSpec(f"ipc{ipc}-s{seed}", ipc, classes, seed)
+
+
+@contextmanager
+def forward_counts(pool):
+    counts: Counter = Counter()
+    handles = [m.register_forward_hook(lambda *_, n=name: counts.update([n])) for name, m in pool.items()]
+    try:
+        yield counts
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def test_primary_runs_once_per_step_and_extras_as_often_as_recorded(pool, norm):
+    # the primary also sits in the BN pool: it must still run once per step, not twice
+    cfg = recover_cfg(selection="intra", bn_pool=["primary", "bn_a", "bn_b", "no_bn"], iterations=12)
+    with forward_counts(pool) as counts:
+        result = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    assert counts["primary"] == result.iterations == 12
+    usage = json.loads(result.records[0].bn_teacher_usage)
+    assert usage == result.bn_teacher_usage
+    assert usage["primary"] == 12
+    for name in ("bn_a", "bn_b"):
+        assert counts[name] == usage.get(name, 0)
+    assert counts["no_bn"] == 0  # a teacher without BN layers has no BN loss to give: never run
+
+
+def test_pre_uses_one_drawn_set_for_every_iteration(pool, norm):
+    sets = set()
+    for seed in range(8):
+        cfg = recover_cfg(selection="pre", iterations=3)
+        with forward_counts(pool) as counts:
+            result = synthesize_shard(pool, spec(seed), cfg, norm, shape=SHAPE)
+        record = result.records[0]
+        assert record.bn_teachers[0] == "primary"
+        assert set(record.bn_teachers) <= {"primary", "bn_a", "bn_b", "no_bn"}
+        assert all(n == 3 for n in result.bn_teacher_usage.values())  # every used teacher, every iteration
+        for name in ("bn_a", "bn_b"):
+            assert counts[name] == (3 if name in record.bn_teachers else 0)
+        sets.add(tuple(record.bn_teachers))
+    assert len(sets) > 1
+
+
+def test_intra_draws_a_new_set_each_iteration(pool, norm):
+    cfg = recover_cfg(selection="intra", iterations=30)
+    result = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    usage = result.bn_teacher_usage
+    assert usage["primary"] == 30
+    extras = {n: k for n, k in usage.items() if n != "primary"}
+    assert extras and all(0 < k < 30 for k in extras.values())
+    # 3 slots at 0.5 from 3 candidates: 1.5 extras per iteration on average
+    assert 0.8 * 45 <= sum(extras.values()) <= 1.2 * 45 + 10
+    assert result.records[0].bn_teachers == ["primary", *[n for n in ("bn_a", "bn_b", "no_bn") if n in usage]]
+
+
+def test_fixed_with_no_extras_is_single_teacher(pool, norm):
+    cfg = recover_cfg(selection="fixed", fixed=[], iterations=4)
+    with forward_counts(pool) as counts:
+        result = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    assert result.records[0].bn_teachers == ["primary"]
+    assert counts == Counter({"primary": 4})
+
+
+def test_averaging_modes_in_the_objective(pool, norm):
+    # with the BN-free teacher drawn beside the primary, the reference divisor halves the first BN term
+    runs = {mode: synthesize_shard(pool, spec(), recover_cfg(selection="fixed", fixed=["no_bn"], bn_average=mode),
+                                   norm, shape=SHAPE)
+            for mode in ("reference", "bn_only")}
+    ref, only = runs["reference"].history["loss_bn"][0], runs["bn_only"].history["loss_bn"][0]
+    assert only > 0
+    assert ref == pytest.approx(only / 2, rel=1e-6)
+    assert runs["reference"].records[0].bn_teachers == ["primary", "no_bn"]
+
+
+def test_bn_normalize_starts_every_teacher_at_one(pool, norm):
+    cfg = recover_cfg(selection="fixed", fixed=["bn_a", "bn_b"], bn_normalize=True)
+    plain = synthesize_shard(pool, spec(), dataclasses.replace(cfg, bn_normalize=False), norm, shape=SHAPE)
+    normalized = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    assert plain.history["loss_bn"][0] != pytest.approx(1.0, rel=1e-2)
+    assert normalized.history["loss_bn"][0] == pytest.approx(1.0, rel=1e-6)
+
+
+def test_same_shard_same_bytes_other_seed_differs(pool, norm):
+    cfg = recover_cfg(selection="intra", image_format="jpeg")
+    a = synthesize_shard(pool, spec(5), cfg, norm, shape=SHAPE)
+    b = synthesize_shard(pool, spec(5), cfg, norm, shape=SHAPE)
+    c = synthesize_shard(pool, spec(6), cfg, norm, shape=SHAPE)
+    assert a.encoded == b.encoded
+    assert torch.equal(a.images, b.images)
+    assert a.bn_teacher_usage == b.bn_teacher_usage and a.history == b.history
+    assert a.encoded != c.encoded
+    assert all(x != y for x, y in zip(a.encoded, c.encoded))
+
+
+def test_noise_init_follows_the_shard_seed():
+    cfg = recover_cfg(init="noise")
+    a, again, b = (initial_images(spec(seed), cfg, None, SHAPE) for seed in (5, 5, 6))
+    assert a.shape == (4, *SHAPE)
+    assert torch.equal(a, again) and not torch.equal(a, b)
+    assert abs(a.mean().item()) < 0.2 and abs(a.std().item() - 1) < 0.2  # N(0, 1) in normalized space
+
+
+def test_views_follow_the_shard_seed(pool, norm):
+    # fixed teachers and a real start: only the crops, flips and rolls can make two seeds differ
+    init = norm.normalize(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    cfg = recover_cfg(selection="fixed", fixed=["bn_a"], init="real")
+    a, b = (synthesize_shard(pool, spec(seed), cfg, norm, init) for seed in (5, 6))
+    assert not torch.equal(a.images, b.images)
+    assert a.history["loss_ce"][0] != b.history["loss_ce"][0]
+
+
+def test_real_init_starts_from_the_given_images(pool, norm):
+    init = norm.normalize(torch.rand(4, *SHAPE, generator=torch.Generator().manual_seed(0)))
+    cfg = recover_cfg(init="real", lr=1e-6, iterations=1)
+    result = synthesize_shard(pool, spec(), cfg, norm, init)
+    assert torch.allclose(result.images, init, atol=1e-4)  # one tiny step away from the start
+    with pytest.raises(ValueError, match="init_images"):
+        synthesize_shard(pool, spec(), cfg, norm)
+    with pytest.raises(ValueError, match=r"\(4, C, H, W\)"):
+        synthesize_shard(pool, spec(), cfg, norm, init[:3])
+
+
+def test_records_are_plain_parquet_rows(pool, norm):
+    cfg = recover_cfg(iterations=5, schedule="cyclic", cyclic_step=2, cyclic_period=3)
+    result = synthesize_shard(pool, spec(ipc=4), cfg, norm, shape=SHAPE)
+    assert result.iterations == 3  # 5 - 2 * (4 % 3)
+    assert result.extension == "png"
+    assert len(result.records) == len(result.encoded) == result.images.shape[0] == 4
+    assert result.images.dtype == torch.float32 and result.images.device.type == "cpu"
+    low, high = norm.bounds(result.images)
+    assert (result.images >= low - 1e-6).all() and (result.images <= high + 1e-6).all()
+    types = {"class_id": int, "ipc_index": int, "seed": int, "primary_teacher": str, "bn_teachers": list,
+             "bn_teacher_usage": str, "iterations": int, "loss_ce": float, "loss_bn": float, "seconds": float}
+    for record, class_id in zip(result.records, (0, 3, 5, 7)):
+        row = record.to_row()
+        assert {k: type(v) for k, v in row.items()} == types
+        assert row["class_id"] == class_id and row["ipc_index"] == 4 and row["seed"] == 11
+        assert row["iterations"] == 3 and row["primary_teacher"] == "primary"
+        assert all(isinstance(n, str) for n in row["bn_teachers"])
+        assert row["loss_bn"] == pytest.approx(result.history["loss_bn"][-1])
+        assert row["seconds"] == pytest.approx(result.seconds / 4)
+    mean_ce = sum(r.loss_ce for r in result.records) / 4
+    assert mean_ce == pytest.approx(result.history["loss_ce"][-1], rel=1e-5)
+    assert result.history["iteration"] == [0, 1, 2]
+    assert decode_images(result.encoded, norm).shape == (4, *SHAPE)
+
+
+def test_missing_teacher_and_missing_shape(pool, norm):
+    with pytest.raises(KeyError, match="resnet50"):
+        synthesize_shard(pool, spec(), recover_cfg(selection="fixed", fixed=["resnet50"]), norm, shape=SHAPE)
+    with pytest.raises(ValueError, match="shape"):
+        synthesize_shard(pool, spec(), recover_cfg(), norm)
+
+
+def test_imagenet_shaped_shard_on_cpu():
+    """The ImageNet configuration (224 px, 1000 classes, resnet18 + mobilenet_v2 + shufflenet): same code."""
+    from prism_ray.data.base import IMAGENET_STATS, Normalization
+
+    torch.manual_seed(0)
+    shape = ModelShape(1000, 3, 224)
+    pool = {name: freeze(build_model(name, shape)) for name in ("resnet18", "mobilenet_v2", "shufflenet_v2_x0_5")}
+    cfg = RecoverConfig(primary="resnet18", bn_pool=["mobilenet_v2", "shufflenet_v2_x0_5"], selection="pre",
+                        slots=3, slot_prob=1.0, init="noise", iterations=2, schedule="flat")
+    norm = Normalization(*IMAGENET_STATS)
+    with forward_counts(pool) as counts:
+        result = synthesize_shard(pool, ShardSpec("in1k", 0, (0, 500, 999), 1), cfg, norm, shape=(3, 224, 224))
+    assert counts == Counter({"resnet18": 2, "mobilenet_v2": 2, "shufflenet_v2_x0_5": 2})
+    assert result.images.shape == (3, 3, 224, 224) and result.extension == "jpg"
+    assert decode_images(result.encoded, norm).shape == (3, 3, 224, 224)
+    assert [r.class_id for r in result.records] == [0, 500, 999]
+    assert set(result.records[0].bn_teachers) == set(pool)

@@ -1,0 +1,139 @@
+"""Faults on a multi-node cluster on this machine: a worker killed mid-shard, a node removed mid-run,
+and the driver itself killed with SIGKILL. Every shard must end up committed exactly once."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import ray
+import yaml
+from ray.cluster_utils import Cluster
+
+from prism_ray import pipeline
+from prism_ray.orchestration.dispatch import run_stage_ray
+from prism_ray.stages.recover import RecoverStage
+from prism_ray.storage import ShardStore
+from tests.orchestration.helpers import check_exactly_once, recover_config
+
+pytestmark = pytest.mark.slow
+
+FAST_FAILURE_DETECTION = {"health_check_period_ms": 200, "health_check_failure_threshold": 3}
+
+
+@pytest.fixture
+def cluster():
+    """Head (no GPU) plus three nodes with one fake GPU each, all on loopback; this process is a driver."""
+    if ray.is_initialized():
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                      "_system_config": FAST_FAILURE_DETECTION})
+    nodes = [c.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="prism-ray", log_to_driver=False)
+    yield c, nodes
+    ray.shutdown()
+    c.shutdown()
+
+
+def _start_stage(cfg):
+    storage = pipeline.open_storage(cfg)
+    context = pipeline.data_context(cfg)
+    pipeline.record_run(cfg, storage, context)
+    (stage,) = pipeline.build_stages(cfg, storage, context, ["recover"])
+    stage.check_config()
+    result = {}
+
+    def drive():
+        result["report"] = run_stage_ray(stage, cfg.ray, quiet=True)
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    return stage, storage, thread, result
+
+
+def _wait_committed(store: ShardStore, n: int, timeout: float = 120) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = len(store.committed())
+        if done >= n:
+            return done
+        time.sleep(0.1)
+    raise AssertionError(f"fewer than {n} shards committed after {timeout} s")
+
+
+def _worker_actors():
+    from ray.util.state import list_actors
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
+
+
+def test_killed_worker_actor(cluster, tmp_path):
+    cfg = recover_config(str(tmp_path / "run"), ipc=8, iterations=120, workers=3,
+                         ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "max_attempts": 1})
+    stage, storage, thread, result = _start_stage(cfg)
+    _wait_committed(stage.store, 2)
+    victim = _worker_actors()[0]
+    ray.kill(ray.get_actor(victim.name, namespace="prism-ray"), no_restart=True)
+    thread.join(timeout=300)
+    report = result["report"]
+    # max_attempts 1: the lost shards were requeued, not counted as failed attempts
+    assert report.complete and report.failed == {} and report.workers_lost >= 1
+    assert report.ran + report.duplicates == 16
+    check_exactly_once(storage, "prism", 16, 32)
+
+
+def test_removed_node(cluster, tmp_path):
+    c, nodes = cluster
+    cfg = recover_config(str(tmp_path / "run"), ipc=8, iterations=120, workers=3,
+                         ray={"workers": 3, "gpus_per_worker": 0.5, "cpus_per_worker": 0.25})
+    stage, storage, thread, result = _start_stage(cfg)
+    _wait_committed(stage.store, 2)
+    busy = {a.node_id for a in _worker_actors()}
+    victim = next(n for n in nodes if n.node_id in busy)
+    c.remove_node(victim, allow_graceful=False)
+    thread.join(timeout=300)
+    report = result["report"]
+    assert report.complete and report.failed == {} and report.workers_lost >= 1
+    assert report.ran + report.duplicates == 16
+    check_exactly_once(storage, "prism", 16, 32)
+    # the node really went away, and the run finished on the nodes that are left
+    alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
+    assert victim.node_id not in alive and len(alive) == 3
+
+
+def test_driver_killed_then_rerun(cluster, tmp_path):
+    c, _ = cluster
+    out = str(tmp_path / "run")
+    cfg = recover_config(out, ipc=10, iterations=120, workers=3,
+                         ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "address": c.address})
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "prism_ray", "recover", str(cfg_path), "--json"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    store = ShardStore(pipeline.open_storage(cfg), "recover/prism")
+    try:
+        _wait_committed(store, 3)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    # Ray ends the dead driver's actors; wait until none is left so nothing commits behind our back
+    deadline = time.time() + 60
+    while _worker_actors() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _worker_actors()
+    before = len(store.committed())
+    assert 3 <= before < 20
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    (report,) = json.loads(rerun.stdout)
+    assert report["skipped"] == before
+    assert report["ran"] == 20 - before  # only the shards that were not committed ran
+    assert report["duplicates"] == 0
+    check_exactly_once(pipeline.open_storage(cfg), "prism", 20, 40)
