@@ -108,7 +108,7 @@ class RecoverConfig:
     slot_prob: float = _f(0.5, ge=0, le=1)
     fixed: list[str] = _f(factory=list, doc="selection=fixed: extra BN teachers used every step")
     bn_average: Literal["bn_only", "reference"] = "bn_only"
-    bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its value at step 0")
+    bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its detached value when first used")
     r_bn: float = _f(0.01, ge=0)
     first_bn_multiplier: float = _f(10.0, ge=0)
     init: Literal["real", "noise"] = "real"
@@ -148,8 +148,10 @@ class RelabelConfig:
     crop_scale: list[float] = _f(factory=lambda: [0.25, 1.0])
     cutmix: bool = True
     topk: int = _f(0, ge=0, doc="store only the top-k logits (0 = all, fp16)")
-    epochs_per_shard: int = _f(10, ge=1)
-    batch_size: int = _f(256, ge=1, doc="teacher forward batch")
+    ensemble: Literal["mean_norm", "primary_weighted"] = _f(
+        "mean_norm", doc="several teachers: logits rescaled to their mean norm then averaged (PRISM R18 scripts), "
+                         "or half primary, half the others (PRISM R50/R101 scripts)")
+    epochs_per_shard: int = _f(10, ge=1, doc="epochs of labels per stored Parquet shard")
 
 
 @dataclass
@@ -164,6 +166,8 @@ class EvaluateConfig:
     weight_decay: float = _f(0.01, ge=0)
     no_decay_norm_bias: bool = True
     loss: Literal["mse_ce", "kl"] = "mse_ce"
+    schedule: Literal["cosine", "prism_reference"] = _f(
+        "cosine", doc="cosine per step, or the PRISM validate code's piecewise per-epoch schedule")
     ce_weight: float = _f(0.1, ge=0)
     temperature: float = _f(4.0, gt=0)
     checkpoint_every: int = _f(50, ge=1, doc="epochs between checkpoints written to the run")

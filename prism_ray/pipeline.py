@@ -6,6 +6,7 @@ can report on a run from storage alone and a resume can refuse a changed config.
 """
 from __future__ import annotations
 
+import sys
 import time
 from typing import Callable
 
@@ -86,16 +87,25 @@ def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
 
 def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: bool = False,
             quiet: bool = False) -> list[StageReport]:
-    """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, then run on Ray or in-process."""
+    """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, run on Ray or in-process, report."""
     context = data_context(cfg)  # missing data fails here, before anything is written
     storage = open_storage(cfg)
     storage.check_writable()
     record_run(cfg, storage, context)
     stages = build_stages(cfg, storage, context, stage_names)
-    if local:
+    # Nothing left to run (a finished run, resumed): skip starting Ray, which costs seconds.
+    pending = fresh or any({u.id for u in st.units()} - st.store.committed() for st in stages)
+    if local or not pending:
         from prism_ray.orchestration.local import run_stage_local
-        return run_stages(stages, lambda st: run_stage_local(st, cfg.ray.max_attempts, quiet=quiet), fresh=fresh)
-    from prism_ray.orchestration.cluster import ray_session
-    from prism_ray.orchestration.dispatch import run_stage_ray
-    with ray_session(cfg.ray):
-        return run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)
+        reports = run_stages(stages, lambda st: run_stage_local(st, cfg.ray.max_attempts, quiet=quiet), fresh=fresh)
+    else:
+        from prism_ray.orchestration.cluster import ray_session
+        from prism_ray.orchestration.dispatch import run_stage_ray
+        with ray_session(cfg.ray):
+            reports = run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)
+    if "evaluate" in stage_names and reports and all(r.complete for r in reports) and len(reports) == len(stages):
+        from prism_ray.report import markdown, write_report
+        figures = write_report(storage)
+        if not quiet:
+            print(markdown(figures).split("## Samples")[0], file=sys.stderr, flush=True)
+    return reports

@@ -72,6 +72,36 @@ def train_classifier(model: nn.Module, data, *, epochs: float, batch_size: int, 
 
 
 @torch.no_grad()
+def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, max_images: int = 4096,
+                   device: torch.device | str = "cpu") -> int:
+    """Recompute every BatchNorm layer's running statistics as exact averages over training images.
+
+    After a short training run the running statistics lag behind the weights (momentum 0.1 averages over
+    old weights); recover's BN alignment pulls synthetic images towards those statistics, so they must
+    describe the final network. Returns the number of images used.
+    """
+    device = torch.device(device)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: the exact mean over the batches seen
+    model.to(device).train()
+    n = min(_length(data), max_images)
+    seen = 0
+    for idx in _batches(n, batch_size, torch.Generator().manual_seed(0)):
+        x, _ = _fetch(data, idx)
+        model(x.to(device))
+        seen += len(idx)
+    for m, momentum in zip(bns, saved):
+        m.momentum = momentum
+    model.eval()
+    return seen
+
+
+@torch.no_grad()
 def evaluate_classifier(model: nn.Module, data, *, batch_size: int = 500, device: torch.device | str = "cpu",
                         topk: Sequence[int] = (1, 5)) -> dict[str, float]:
     """Top-k accuracies of `model` on (x, y) tensors or a dataset, as fractions in [0, 1]."""

@@ -13,7 +13,7 @@ import torch
 
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import build_model, checkpoint_bytes
-from prism_ray.algo.train import evaluate_classifier, train_classifier
+from prism_ray.algo.train import evaluate_classifier, recalibrate_bn, train_classifier
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import Stage, Unit, Worker
 from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, model_shape
@@ -73,6 +73,7 @@ class SqueezeWorker(Worker):
         stats = train_classifier(model, self.train_data, epochs=sq.epochs, batch_size=sq.batch_size, lr=sq.lr,
                                  momentum=sq.momentum, weight_decay=sq.weight_decay,
                                  label_smoothing=sq.label_smoothing, seed=seed, device=self.device)
+        recalibrate_bn(model, self.train_data, device=self.device)
         acc = evaluate_classifier(model, self.val_data, device=self.device)
         model.cpu()
         row = {"teacher": spec.name, "arch": spec.arch, "val_top1": acc["top1"], "val_top5": acc["top5"],

@@ -1,0 +1,214 @@
+"""The run's report: a results Parquet (set x student x seed), a Markdown report with the accuracy and
+diversity tables, teacher accuracies and compute per stage, a PNG grid of samples and a PNG diversity plot.
+
+Everything is read from the run's committed manifests, so `prism-ray report RUN_URI` works on any run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from prism_ray.pipeline import RUN_RECORD
+from prism_ray.stages.base import StageError
+from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
+from prism_ray.storage import COMBINED, Storage
+
+REPORT = "report"
+PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+
+
+def _table(storage: Storage, key: str) -> list[dict]:
+    try:
+        return storage.read_table(key).to_pylist()
+    except FileNotFoundError:
+        return []
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def collect(storage: Storage) -> dict:
+    """Every figure of the report, from storage alone."""
+    if not storage.exists(RUN_RECORD):
+        raise StageError(f"no prism-ray run at {storage.uri()}")
+    record = storage.read_json(RUN_RECORD)
+    cfg = record["config"]
+    results = _table(storage, f"{STUDENTS_PREFIX}/{COMBINED}")
+    if not results:
+        raise StageError(f"{storage.uri()}: the evaluate stage has no complete results yet; run it first")
+    groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in results:
+        groups[(r["set"], r["student"])].append(r)
+    # the config's order of sets (the method, then its baselines), whatever order units committed in
+    names = [cfg["recover"]["name"], *cfg["baselines"]["recover"], "random_real", REAL]
+    names += [r["set"] for r in results if r["set"] not in names]
+    order = {name: i for i, name in enumerate(dict.fromkeys(names))}
+    accuracy = []
+    for (set_name, student), rows in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
+        t1, s1 = _mean_std([r["top1"] for r in rows])
+        t5, s5 = _mean_std([r["top5"] for r in rows])
+        accuracy.append({"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
+                         "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)})
+    diversity_rows = sorted(_table(storage, f"{DIVERSITY_PREFIX}/{COMBINED}"),
+                            key=lambda d: order.get(d["set"], len(order)))
+    per_class = {}
+    for d in diversity_rows:
+        per_class[d["set"]] = _table(storage, f"{DIVERSITY_PREFIX}/per_class/{d['set']}.parquet")
+    diversity = []
+    for d in diversity_rows:
+        vals = [r["mean_cosine"] for r in per_class[d["set"]]]
+        diversity.append({"set": d["set"], "network": d["network"], "mean_cosine": d["mean_cosine"],
+                          "min_class": min(vals), "max_class": max(vals)})
+    teachers = [{"teacher": r["teacher"], "arch": r["arch"], "val_top1": r["val_top1"], "train_images":
+                 r["train_images"], "seconds": r["seconds"]} for r in _table(storage, f"squeeze/{COMBINED}")]
+    return {"name": cfg["run"]["name"], "config": cfg, "results": results, "accuracy": accuracy,
+            "diversity": diversity, "diversity_per_class": per_class, "teachers": teachers,
+            "compute": compute_by_stage(storage)}
+
+
+def compute_by_stage(storage: Storage) -> list[dict]:
+    """Units and summed unit seconds of every completed stage (the work, not the wall time)."""
+    from prism_ray.status import stage_prefixes
+    out = []
+    for prefix in stage_prefixes(storage):
+        rows = _table(storage, f"{prefix}/{COMBINED}")
+        if not rows:
+            continue
+        seconds = 0.0
+        for r in rows:
+            seconds += float(r.get("seconds") or r.get("train_seconds") or 0.0)
+        out.append({"stage": prefix, "units": len({r["shard_id"] for r in rows}), "rows": len(rows),
+                    "seconds": seconds})
+    return out
+
+
+def accuracy_table(figures: dict) -> str:
+    lines = ["| set | student | top-1 (%) | top-5 (%) | seeds |", "|---|---|---|---|---|"]
+    for a in figures["accuracy"]:
+        lines.append(f"| {a['set']} | {a['student']} | {100 * a['top1_mean']:.2f} ± {100 * a['top1_std']:.2f} | "
+                     f"{100 * a['top5_mean']:.2f} ± {100 * a['top5_std']:.2f} | {len(a['seeds'])} |")
+    return "\n".join(lines)
+
+
+def diversity_table(figures: dict) -> str:
+    if not figures["diversity"]:
+        return "(no diversity figures)"
+    net = figures["diversity"][0]["network"]
+    lines = [f"Mean pairwise cosine similarity of {net} penultimate features within each class "
+             f"(lower = more diverse):", "", "| set | mean over classes | least diverse class | most diverse class |",
+             "|---|---|---|---|"]
+    for d in figures["diversity"]:
+        lines.append(f"| {d['set']} | {d['mean_cosine']:.4f} | {d['max_class']:.4f} | {d['min_class']:.4f} |")
+    return "\n".join(lines)
+
+
+def markdown(figures: dict) -> str:
+    cfg = figures["config"]
+    d, e = cfg["data"], cfg["evaluate"]
+    parts = [f"# prism-ray report: {figures['name']}", "",
+             f"Data: {d['dataset']} ({d['channels']}x{d['resolution']}x{d['resolution']}), IPC {cfg['recover']['ipc']}, "
+             f"labels {cfg['relabel']['mode']} from {', '.join(cfg['relabel']['teachers']) or cfg['recover']['primary']}, "
+             f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}).", "",
+             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), "",
+             "## Diversity", "", diversity_table(figures), "", "![per-class diversity](diversity.png)", "",
+             "## Samples (first image of each class per set)", "", "![samples](samples.png)", ""]
+    if figures["teachers"]:
+        parts += ["## Teachers (squeeze)", "", "| teacher | arch | val top-1 (%) | train images | seconds |",
+                  "|---|---|---|---|---|"]
+        parts += [f"| {t['teacher']} | {t['arch']} | {100 * t['val_top1']:.2f} | {t['train_images']} | "
+                  f"{t['seconds']:.1f} |" for t in figures["teachers"]]
+        parts.append("")
+    parts += ["## Compute (sum of unit times, all workers)", "", "| stage | units | seconds |", "|---|---|---|"]
+    parts += [f"| {c['stage']} | {c['units']} | {c['seconds']:.1f} |" for c in figures["compute"]]
+    return "\n".join(parts) + "\n"
+
+
+def sample_grid(storage: Storage, sets: list[str], max_classes: int = 10, scale_to: int = 64) -> bytes:
+    """One row per set: the ipc-0 image of the first classes, upscaled so small images stay visible."""
+    label_w, pad = 110, 4
+    rows = []
+    for s in sets:
+        table = _table(storage, f"recover/{s}/{COMBINED}")
+        picks = sorted((r for r in table if r["ipc_index"] == 0), key=lambda r: r["class_id"])[:max_classes]
+        rows.append((s, [Image.open(io.BytesIO(storage.read_bytes(f"recover/{s}/{r['path']}"))).convert("RGB")
+                         for r in picks]))
+    cols = max((len(r[1]) for r in rows), default=1)
+    grid = Image.new("RGB", (label_w + cols * (scale_to + pad), len(rows) * (scale_to + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (name, images) in enumerate(rows):
+        y = pad + i * (scale_to + pad)
+        draw.text((4, y + scale_to // 2 - 6), name, fill="black")
+        for j, im in enumerate(images):
+            grid.paste(im.resize((scale_to, scale_to), Image.NEAREST), (label_w + j * (scale_to + pad), y))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> bytes:
+    """Grouped bars: per class, each set's mean pairwise cosine similarity (0 to 1 axis)."""
+    sets = list(per_class)
+    classes = sorted({r["class_id"] for rows in per_class.values() for r in rows})
+    h, top, left, bottom = 260, 30, 50, 40
+    group_w = width_per_bar * len(sets) + 8
+    w = left + group_w * len(classes) + 20
+    legend_h = 18 * len(sets)
+    img = Image.new("RGB", (max(w, 320), h + top + bottom + legend_h), "white")
+    draw = ImageDraw.Draw(img)
+    draw.text((left, 6), "mean pairwise cosine similarity per class (lower = more diverse)", fill="black")
+    for tick in range(0, 11, 2):
+        y = top + h - int(h * tick / 10)
+        draw.line((left - 4, y, w - 10, y), fill=(225, 225, 225))
+        draw.text((8, y - 6), f"{tick / 10:.1f}", fill="black")
+    for ci, c in enumerate(classes):
+        x0 = left + ci * group_w
+        for si, s in enumerate(sets):
+            value = next((r["mean_cosine"] for r in per_class[s] if r["class_id"] == c), None)
+            if value is None or value != value:  # missing or nan
+                continue
+            x = x0 + si * width_per_bar
+            y = top + h - int(h * max(0.0, min(1.0, value)))
+            draw.rectangle((x, y, x + width_per_bar - 2, top + h), fill=PALETTE[si % len(PALETTE)])
+        draw.text((x0, top + h + 4), str(c), fill="black")
+    for si, s in enumerate(sets):
+        y = top + h + bottom + 18 * si
+        draw.rectangle((left, y, left + 12, y + 12), fill=PALETTE[si % len(PALETTE)])
+        draw.text((left + 18, y), s, fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_report(storage: Storage) -> dict:
+    figures = collect(storage)
+    storage.write_table(f"{REPORT}/results.parquet", pa.Table.from_pylist(figures["results"]))
+    storage.write_bytes(f"{REPORT}/report.md", markdown(figures).encode())
+    storage.write_json(f"{REPORT}/report.json", {k: v for k, v in figures.items() if k not in ("config",)})
+    sets = list(dict.fromkeys(a["set"] for a in figures["accuracy"]))
+    storage.write_bytes(f"{REPORT}/samples.png", sample_grid(storage, sets))
+    if figures["diversity_per_class"]:
+        storage.write_bytes(f"{REPORT}/diversity.png", diversity_plot(figures["diversity_per_class"]))
+    return figures
+
+
+def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
+    stream = stream or sys.stdout
+    figures = collect(storage)
+    if as_json:
+        print(json.dumps({k: figures[k] for k in ("accuracy", "diversity", "teachers", "compute")}, indent=2),
+              file=stream)
+        return 0
+    print(accuracy_table(figures), file=stream)
+    print("", file=stream)
+    print(diversity_table(figures), file=stream)
+    return 0
+
+
+__all__ = ["REAL", "collect", "write_report", "print_report"]

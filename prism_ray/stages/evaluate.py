@@ -1,0 +1,189 @@
+"""Evaluate: students trained on every image set with its soft labels, scored on the real validation set,
+and the per-class diversity of every set (and of real data).
+
+Student units (set x student x seed) write a checkpoint to the run every `evaluate.checkpoint_every`
+epochs; a unit restarted on another worker resumes from it. Its commit writes the final weights and one
+results row (top-1, top-5, where it resumed from).
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+
+import torch
+
+from prism_ray.algo.diversity import class_diversity
+from prism_ray.algo.seeding import derive_seed, generator
+from prism_ray.algo.student import build_student, train_student
+from prism_ray.algo.teachers import ModelShape
+from prism_ray.algo.train import evaluate_classifier
+from prism_ray.config import Config
+from prism_ray.data import build_dataset
+from prism_ray.stages.base import RunContext, Stage, Unit, Worker
+from prism_ray.stages.image_sets import ImageSetCache, sets_fingerprint
+from prism_ray.stages.relabel import LabelSource, relabel_fingerprint
+from prism_ray.storage import Storage, table_bytes
+from prism_ray.teacher_pool import best_device, load_pool, model_shape
+
+STUDENTS_PREFIX = "evaluate/students"
+DIVERSITY_PREFIX = "evaluate/diversity"
+REAL = "real"  # the diversity of real training images, next to the sets'
+REAL_PER_CLASS = 100  # real images per class for the real-data diversity reference
+IN_MEMORY_LIMIT = 200_000
+
+
+def evaluate_stages(cfg: Config, storage: Storage, context: RunContext) -> list[Stage]:
+    return [DiversityStage(cfg, storage, context), StudentStage(cfg, storage, context)]
+
+
+def diversity_network(cfg: Config) -> str:
+    return cfg.evaluate.diversity_network or cfg.recover.primary
+
+
+class DiversityStage(Stage):
+    kind = "evaluate"
+    unit_noun = "set"
+
+    @property
+    def prefix(self) -> str:
+        return DIVERSITY_PREFIX
+
+    def units(self) -> list[Unit]:
+        return [Unit(s, {"set": s}) for s in [*self.cfg.sets(), REAL]]
+
+    def fingerprint(self) -> dict:
+        net = diversity_network(self.cfg)
+        return {"sets": sets_fingerprint(self.cfg), "network": dataclasses.asdict(self.cfg.teacher(net)),
+                "real_per_class": REAL_PER_CLASS}
+
+    def open_worker(self) -> Worker:
+        return DiversityWorker(self)
+
+
+class DiversityWorker(Worker):
+    def __init__(self, stage: DiversityStage):
+        self.stage = stage
+        cfg = stage.cfg
+        self.device = best_device()
+        self.network = diversity_network(cfg)
+        self.model = load_pool([self.network], model_shape(cfg, stage.context.num_classes), cfg, stage.storage,
+                               self.device)[self.network]
+        self.train = build_dataset(cfg.data, "train", cfg.storage)
+        self.sets = ImageSetCache(stage.storage, self.train.normalization, cfg.data.channels)
+
+    def _real_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for c in range(self.train.num_classes):
+            g = generator(self.stage.cfg.run.seed, "diversity-real", c)
+            picks = torch.randperm(self.train.count(c), generator=g)[:REAL_PER_CLASS].tolist()
+            xs += [self.train.image(c, k) for k in picks]
+            ys += [c] * len(picks)
+        return torch.stack(xs), torch.tensor(ys)
+
+    def compute(self, unit: Unit):
+        t0 = time.perf_counter()
+        if unit.id == REAL:
+            images, labels = self._real_sample()
+        else:
+            s = self.sets.get(unit.id)
+            images, labels = s.images, s.labels
+        per_class = class_diversity(self.model, images, labels, device=self.device)
+        rows = [{"set": unit.id, "class_id": int(c), "mean_cosine": float(v),
+                 "images": int((labels == c).sum())} for c, v in sorted(per_class.items())]
+        import pyarrow as pa
+        return table_bytes(pa.Table.from_pylist(rows)), {
+            "set": unit.id, "network": self.network, "mean_cosine": float(sum(per_class.values()) / len(per_class)),
+            "classes": len(per_class), "seconds": time.perf_counter() - t0}
+
+    def commit(self, unit: Unit, computed) -> dict:
+        blob, row = computed
+        res = self.stage.store.commit(unit.id, [(f"per_class/{unit.id}.parquet", blob)], [row])
+        return {"images": 0, "committed": res.committed}
+
+
+class StudentStage(Stage):
+    kind = "evaluate"
+    unit_noun = "student"
+
+    @property
+    def prefix(self) -> str:
+        return STUDENTS_PREFIX
+
+    def units(self) -> list[Unit]:
+        e = self.cfg.evaluate
+        return [Unit(f"{s}--{arch}--seed{seed}", {"set": s, "student": arch, "seed": seed})
+                for s in self.cfg.sets() for arch in e.students for seed in e.seeds]
+
+    def fingerprint(self) -> dict:
+        d = dataclasses.asdict(self.cfg.data)
+        return {"labels": relabel_fingerprint(self.cfg), "evaluate": dataclasses.asdict(self.cfg.evaluate),
+                "val": {"val": d["val"], "max_val": d["max_val"]}}
+
+    def open_worker(self) -> Worker:
+        return StudentWorker(self)
+
+
+def checkpoint_key(unit: Unit) -> str:
+    return f"{STUDENTS_PREFIX}/checkpoints/{unit.id}.pt"
+
+
+class StudentWorker(Worker):
+    def __init__(self, stage: StudentStage):
+        self.stage = stage
+        cfg = stage.cfg
+        self.device = best_device()
+        train = build_dataset(cfg.data, "train", cfg.storage)
+        val = build_dataset(cfg.data, "val", cfg.storage, class_names=train.class_names, capped=False)
+        n_val = min(len(val), cfg.data.max_val or len(val))
+        self.val = val.tensors(list(range(n_val))) if n_val <= IN_MEMORY_LIMIT else val
+        self.sets = ImageSetCache(stage.storage, train.normalization, cfg.data.channels)
+        self.teachers = None
+        if cfg.relabel.mode == "live":  # the teachers run inside training: load them once
+            pool = load_pool(cfg.relabel_teachers(), model_shape(cfg, stage.context.num_classes), cfg,
+                             stage.storage, self.device)
+            self.teachers = [pool[n] for n in cfg.relabel_teachers()]
+
+    def compute(self, unit: Unit):
+        st, cfg = self.stage, self.stage.cfg
+        storage = st.storage
+        p = unit.payload
+        image_set = self.sets.get(p["set"])
+        shape = ModelShape(st.context.num_classes, cfg.data.channels, cfg.data.resolution)
+        seed = derive_seed(cfg.run.seed, "student", p["set"], p["student"], p["seed"])
+        model = build_student(p["student"], shape, seed)
+        state = None
+        try:  # a restarted unit resumes from its last checkpoint
+            state = torch.load(io.BytesIO(storage.read_bytes(checkpoint_key(unit))), map_location="cpu",
+                               weights_only=False)
+        except FileNotFoundError:
+            pass
+        resumed_from = int(state["epoch"]) if state else 0
+        labels = LabelSource(cfg, storage, p["set"], image_set.images, st.context.num_classes, self.teachers,
+                             self.device)
+        every = cfg.evaluate.checkpoint_every
+
+        def on_epoch_end(epoch: int, current: dict) -> None:
+            if (epoch + 1) % every == 0 and epoch + 1 < cfg.evaluate.epochs:
+                buf = io.BytesIO()
+                torch.save(current, buf)
+                storage.write_bytes(checkpoint_key(unit), buf.getvalue())
+
+        out = train_student(model, image_set.images, labels, cfg.evaluate, out_size=cfg.data.resolution,
+                            device=self.device, state=state, on_epoch_end=on_epoch_end, targets=image_set.labels,
+                            seed=seed, schedule=cfg.evaluate.schedule)
+        acc = evaluate_classifier(model, self.val, batch_size=cfg.evaluate.val_batch_size, device=self.device)
+        buf = io.BytesIO()
+        torch.save({"arch": p["student"], "num_classes": shape.num_classes, "in_channels": shape.in_channels,
+                    "resolution": shape.resolution, "state_dict": model.cpu().state_dict()}, buf)
+        row = {"set": p["set"], "student": p["student"], "seed": p["seed"], "top1": acc["top1"], "top5": acc["top5"],
+               "epochs": cfg.evaluate.epochs, "resumed_from_epoch": resumed_from, "final_loss": out["final_loss"],
+               "train_seconds": out["seconds"], "images": len(image_set.images), "label_mode": cfg.relabel.mode,
+               "val_images": len(self.val[1]) if isinstance(self.val, tuple) else len(self.val)}
+        return buf.getvalue(), row
+
+    def commit(self, unit: Unit, computed) -> dict:
+        blob, row = computed
+        res = self.stage.store.commit(unit.id, [(f"weights/{unit.id}.pt", blob)], [row])
+        self.stage.storage.delete(checkpoint_key(unit))
+        return {"images": 0, "committed": res.committed, "top1": row["top1"]}

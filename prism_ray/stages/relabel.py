@@ -1,0 +1,222 @@
+"""Relabel: FKD-style soft labels for every epoch of student training, stored as a few Parquet shards.
+
+One unit = one set x a range of epochs (relabel.epochs_per_shard). Its output is one Parquet file with a
+row per (epoch, position): the image index, the RandomResizedCrop box, the flip, the CutMix partner, box
+and ratio, and the teachers' logits in fp16 (or the top-k values and indices). The reference writes one
+file per batch per epoch (~300,000 files, ~30 GB at ImageNet IPC50); this is epochs / epochs_per_shard
+files per set. In live mode nothing is stored: evaluate runs the same label code inside training.
+"""
+from __future__ import annotations
+
+import dataclasses
+import io
+import time
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from prism_ray.algo.seeding import derive_seed
+from prism_ray.algo.soft_labels import EpochPlan, dense_labels, plan_epoch, soft_labels
+from prism_ray.config import Config
+from prism_ray.data import build_dataset
+from prism_ray.stages.base import RunContext, Stage, Unit, Worker
+from prism_ray.stages.image_sets import ImageSetCache, sets_fingerprint
+from prism_ray.storage import Storage, table_bytes
+from prism_ray.teacher_pool import best_device, load_pool, model_shape
+
+RELABEL_PREFIX = "relabel"
+
+
+def label_seed(cfg: Config, set_name: str) -> int:
+    """The seed of a set's label plans: the same in stored and live mode."""
+    return derive_seed(cfg.run.seed, "labels", set_name)
+
+
+def label_shards(cfg: Config, set_name: str) -> list[Unit]:
+    epochs, per = cfg.relabel_epochs(), cfg.relabel.epochs_per_shard
+    return [Unit(f"{set_name}-e{e0:04d}-{min(e0 + per, epochs) - 1:04d}",
+                 {"set": set_name, "epochs": [e0, min(e0 + per, epochs)]}) for e0 in range(0, epochs, per)]
+
+
+def shard_for_epoch(cfg: Config, set_name: str, epoch: int) -> Unit:
+    return label_shards(cfg, set_name)[epoch // cfg.relabel.epochs_per_shard]
+
+
+def labels_path(unit: Unit) -> str:
+    return f"labels/{unit.id}.parquet"
+
+
+def relabel_figures(cfg: Config, num_classes: int) -> dict:
+    """Files and bytes of stored labels per set, for `plan` (fp16 logits, before compression)."""
+    n_images = num_classes * cfg.recover.ipc
+    epochs = cfg.relabel_epochs()
+    k = cfg.relabel.topk or num_classes
+    index_bytes = 2 if num_classes < 2 ** 15 else 4
+    per_row = 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26  # logits (+ indices), plan columns
+    files = -(-epochs // cfg.relabel.epochs_per_shard)
+    size = n_images * epochs * per_row
+    from prism_ray.plan import human_bytes
+    if cfg.relabel.mode == "live":
+        return {"files": 0, "bytes": 0, "describe": f"live: no files, teachers run during training ({epochs} "
+                                                    f"epochs x {n_images:,} images of teacher forwards)"}
+    return {"files": files, "bytes": size,
+            "describe": f"{files} files, {epochs} epochs x {n_images:,} images, about {human_bytes(size)}"}
+
+
+# ---- the stored format
+
+
+def plan_table(plan: EpochPlan, values: torch.Tensor, indices: torch.Tensor | None) -> pa.Table:
+    n = len(plan.order)
+
+    def fixed(arr: np.ndarray, width: int) -> pa.Array:
+        return pa.FixedSizeListArray.from_arrays(pa.array(arr.reshape(-1)), width)
+
+    cols = {
+        "epoch": pa.array(np.full(n, plan.epoch, np.int32)),
+        "position": pa.array(np.arange(n, dtype=np.int32)),
+        "image": pa.array(plan.order.numpy().astype(np.int32)),
+        "crop": fixed(plan.crops.numpy().astype(np.int16), 4),
+        "flip": pa.array(plan.flips.numpy()),
+        "partner": pa.array(plan.partner.numpy().astype(np.int32)),
+        "mix_box": fixed(plan.mix_box.numpy().astype(np.int16), 4),
+        "mix_lam": pa.array(plan.mix_lam.numpy().astype(np.float32)),
+    }
+    v = values.to(torch.float16).numpy()
+    if indices is None:
+        cols["logits"] = fixed(v, v.shape[1])
+    else:
+        cols["topk_values"] = fixed(v, v.shape[1])
+        # class indices fit int16 below 32,768 classes: a third less per stored label than int32
+        small = int(indices.max()) < 2 ** 15 if indices.numel() else True
+        cols["topk_indices"] = fixed(indices.numpy().astype(np.int16 if small else np.int32), indices.shape[1])
+    return pa.table(cols)
+
+
+def _fixed_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
+    arr = col.combine_chunks()
+    return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
+
+
+def read_epoch(table: pa.Table, epoch: int, mix_group: int) -> tuple[EpochPlan, torch.Tensor, torch.Tensor | None]:
+    """One epoch's plan and stored label values (and top-k indices) from a label shard table."""
+    import pyarrow.compute as pc
+    t = table.filter(pc.equal(table.column("epoch"), epoch)).sort_by("position")
+    if t.num_rows == 0:
+        raise KeyError(f"epoch {epoch} not in this label shard")
+    plan = EpochPlan(
+        epoch=epoch,
+        order=torch.from_numpy(t.column("image").to_numpy().astype(np.int64)),
+        crops=torch.from_numpy(_fixed_to_numpy(t.column("crop")).astype(np.int32)),
+        flips=torch.from_numpy(t.column("flip").to_numpy(zero_copy_only=False).astype(bool)),
+        partner=torch.from_numpy(t.column("partner").to_numpy().astype(np.int64)),
+        mix_box=torch.from_numpy(_fixed_to_numpy(t.column("mix_box")).astype(np.int32)),
+        mix_lam=torch.from_numpy(t.column("mix_lam").to_numpy().astype(np.float32)),
+        mix_group=mix_group,
+    )
+    if "logits" in t.column_names:
+        return plan, torch.from_numpy(_fixed_to_numpy(t.column("logits")).astype(np.float16)), None
+    values = torch.from_numpy(_fixed_to_numpy(t.column("topk_values")).astype(np.float16))
+    indices = torch.from_numpy(_fixed_to_numpy(t.column("topk_indices")).astype(np.int32))
+    return plan, values, indices
+
+
+class LabelSource:
+    """An epoch's plan and dense soft labels for one set: read from stored shards or computed live.
+
+    Both paths call the same label code with the same seed, so they give identical labels.
+    """
+
+    def __init__(self, cfg: Config, storage: Storage, set_name: str, images: torch.Tensor, num_classes: int,
+                 teachers: list | None, device: torch.device):
+        self.cfg, self.storage, self.set_name = cfg, storage, set_name
+        self.images, self.num_classes, self.teachers, self.device = images, num_classes, teachers, device
+        self._shard_id: str | None = None
+        self._table: pa.Table | None = None
+
+    def __call__(self, epoch: int) -> tuple[EpochPlan, torch.Tensor]:
+        if self.cfg.relabel.mode == "live":
+            plan, values, indices = compute_epoch_labels(self.cfg, self.set_name, self.images, self.teachers,
+                                                         epoch, self.device)
+        else:
+            unit = shard_for_epoch(self.cfg, self.set_name, epoch)
+            if unit.id != self._shard_id:  # one shard (epochs_per_shard epochs) held at a time
+                key = f"{RELABEL_PREFIX}/{labels_path(unit)}"
+                self._table = pq.read_table(io.BytesIO(self.storage.read_bytes(key)))
+                self._shard_id = unit.id
+            plan, values, indices = read_epoch(self._table, epoch, self.cfg.relabel.mix_group)
+        return plan, dense_labels(values, indices, self.num_classes)
+
+
+def compute_epoch_labels(cfg: Config, set_name: str, images: torch.Tensor, teachers: list, epoch: int,
+                         device: torch.device) -> tuple[EpochPlan, torch.Tensor, torch.Tensor | None]:
+    rl = cfg.relabel
+    plan = plan_epoch(len(images), epoch, label_seed(cfg, set_name), mix_group=rl.mix_group,
+                      source_size=tuple(images.shape[-2:]), crop_scale=rl.crop_scale, cutmix=rl.cutmix)
+    values, indices = soft_labels(images, plan, teachers, out_size=cfg.data.resolution, topk=rl.topk, device=device,
+                                  ensemble=rl.ensemble)
+    return plan, values.cpu(), None if indices is None else indices.cpu()
+
+
+# ---- the stage
+
+
+def relabel_stages(cfg: Config, storage: Storage, context: RunContext) -> list[Stage]:
+    return [RelabelStage(cfg, storage, context)] if cfg.relabel.mode == "stored" else []
+
+
+def relabel_fingerprint(cfg: Config) -> dict:
+    return {"sets": sets_fingerprint(cfg), "relabel": dataclasses.asdict(cfg.relabel),
+            "epochs": cfg.relabel_epochs(),
+            "teachers": [dataclasses.asdict(cfg.teacher(n)) for n in cfg.relabel_teachers()]}
+
+
+class RelabelStage(Stage):
+    kind = "relabel"
+
+    @property
+    def prefix(self) -> str:
+        return RELABEL_PREFIX
+
+    def units(self) -> list[Unit]:
+        return [u for s in self.cfg.sets() for u in label_shards(self.cfg, s)]
+
+    def fingerprint(self) -> dict:
+        return relabel_fingerprint(self.cfg)
+
+    def open_worker(self) -> Worker:
+        return RelabelWorker(self)
+
+
+class RelabelWorker(Worker):
+    def __init__(self, stage: RelabelStage):
+        self.stage = stage
+        cfg = stage.cfg
+        self.device = best_device()
+        shape = model_shape(cfg, stage.context.num_classes)
+        pool = load_pool(cfg.relabel_teachers(), shape, cfg, stage.storage, self.device)
+        self.teachers = [pool[n] for n in cfg.relabel_teachers()]
+        norm = build_dataset(cfg.data, "train", cfg.storage).normalization
+        self.sets = ImageSetCache(stage.storage, norm, cfg.data.channels)
+
+    def compute(self, unit: Unit):
+        cfg = self.stage.cfg
+        images = self.sets.get(unit.payload["set"]).images
+        e0, e1 = unit.payload["epochs"]
+        t0 = time.perf_counter()
+        tables = []
+        for epoch in range(e0, e1):
+            plan, values, indices = compute_epoch_labels(cfg, unit.payload["set"], images, self.teachers, epoch,
+                                                         self.device)
+            tables.append(plan_table(plan, values, indices))
+        table = pa.concat_tables(tables)
+        return table_bytes(table), {"set": unit.payload["set"], "epoch_start": e0, "epoch_stop": e1,
+                                    "rows": table.num_rows, "images": len(images),
+                                    "seconds": time.perf_counter() - t0}
+
+    def commit(self, unit: Unit, computed) -> dict:
+        blob, row = computed
+        res = self.stage.store.commit(unit.id, [(labels_path(unit), blob)], [row])
+        return {"images": 0, "committed": res.committed}

@@ -1,0 +1,224 @@
+"""Student training recipe: losses, optimizer groups, schedule, exact resume, and learning from soft labels."""
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from prism_ray.algo.soft_labels import dense_labels, plan_epoch, soft_labels
+from prism_ray.algo.student import (build_optimizer, build_scheduler, build_student, distill_loss, lr_factor,
+                                    train_student)
+from prism_ray.algo.teachers import ConvNet, ModelShape, build_model, freeze
+from prism_ray.algo.train import evaluate_classifier
+from prism_ray.config import PRESET_DIR_ENV, EvaluateConfig, load_config
+
+PRESETS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "presets"
+
+
+def cfg(**kw) -> EvaluateConfig:
+    return EvaluateConfig(**kw)
+
+
+# ------------------------------------------------------------------------------------------------- losses
+
+
+def test_mse_ce_is_mse_on_logits_plus_weighted_hard_label_ce():
+    s = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    t = torch.tensor([[0.0, 0.0], [1.0, 1.0]])
+    y = torch.tensor([0, 1])
+    mse = (1 + 0 + 1 + 1) / 4
+    ce = (-math.log(math.e / (math.e + 1)) - math.log(math.e ** 2 / (1 + math.e ** 2))) / 2
+    got = distill_loss(s, t, cfg(loss="mse_ce", ce_weight=0.1), targets=y)
+    assert got.item() == pytest.approx(mse + 0.1 * ce, rel=1e-6)
+    assert distill_loss(s, t, cfg(loss="mse_ce", ce_weight=0.0)).item() == pytest.approx(mse)
+    with pytest.raises(ValueError, match="targets"):
+        distill_loss(s, t, cfg(loss="mse_ce", ce_weight=0.1))
+
+
+def test_kl_is_batch_mean_kl_at_temperature_without_t_squared():
+    s = torch.tensor([[1.0, 0.0, -1.0], [0.5, 2.0, 0.0]])
+    t = torch.tensor([[3.0, 1.0, 0.0], [0.0, 0.0, 4.0]])
+    temp = 2.0
+
+    def softmax(row):
+        e = [math.exp(v / temp) for v in row]
+        return [v / sum(e) for v in e]
+
+    want = sum(sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(softmax(tr), softmax(sr)))
+               for sr, tr in zip(s.tolist(), t.tolist())) / 2
+    assert distill_loss(s, t, cfg(loss="kl", temperature=temp)).item() == pytest.approx(want, rel=1e-5)
+
+
+# -------------------------------------------------------------------------------------- optimizer, schedule
+
+
+class Mixed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, bias=True)
+        self.bn = nn.BatchNorm2d(4)
+        self.gn = nn.GroupNorm(2, 4)
+        self.ln = nn.LayerNorm(4)
+        self.fc = nn.Linear(4, 3)
+
+
+@pytest.mark.parametrize("make", [Mixed, lambda: build_model("resnet18", ModelShape(10, 1, 28)),
+                                  lambda: build_model("mobilenet_v2", ModelShape(10, 1, 28))])
+def test_no_decay_group_holds_exactly_the_norm_and_bias_parameters(make):
+    model = make()
+    norms = (nn.BatchNorm2d, nn.GroupNorm, nn.LayerNorm)
+    want = {id(p) for m in model.modules() for n, p in m.named_parameters(recurse=False)
+            if isinstance(m, norms) or n == "bias"}
+    opt = build_optimizer(model, cfg(optimizer="adamw", weight_decay=0.01))
+    decay, no_decay = opt.param_groups
+    assert {id(p) for p in no_decay["params"]} == want and no_decay["weight_decay"] == 0.0
+    assert decay["weight_decay"] == 0.01
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    # the SRe2L / PRISM reference rule (decay only weights of 2+ dims) picks the same split here
+    assert {id(p) for p in decay["params"]} == {id(p) for n, p in model.named_parameters() if p.dim() > 1}
+    plain = build_optimizer(model, cfg(optimizer="sgd", no_decay_norm_bias=False, weight_decay=5e-4))
+    assert isinstance(plain, torch.optim.SGD) and len(plain.param_groups) == 1
+    assert plain.param_groups[0]["momentum"] == 0.9 and plain.param_groups[0]["weight_decay"] == 5e-4
+
+
+def test_cosine_schedule_per_step_without_warmup():
+    model = nn.Linear(2, 2)
+    c = cfg(epochs=3, lr=0.1)
+    opt = build_optimizer(model, c)
+    sched = build_scheduler(opt, c, steps_per_epoch=4)
+    seen = []
+    for _ in range(12):
+        seen.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert seen == pytest.approx([0.1 * 0.5 * (1 + math.cos(math.pi * k / 12)) for k in range(12)])
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_prism_reference_schedule_is_per_epoch_with_its_late_drop():
+    f = [lr_factor(e * 10, 10, 12, "prism_reference") for e in range(12)]
+    assert f[0] == 1.0 and f[1] == lr_factor(19, 10, 12, "prism_reference")  # constant within an epoch
+    assert f[10] == pytest.approx(0.75)  # 0.5 (1 + cos(pi / 3)) at e = 5E/6
+    assert f[11] == pytest.approx(0.75 / 12)
+    assert all(a > b for a, b in zip(f, f[1:]))
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+def separable_set(n_per_class: int, seed: int, size: int = 12) -> tuple[torch.Tensor, torch.Tensor]:
+    """Three classes, three channels: class c raises channel c everywhere, so any crop or flip keeps it."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(3).repeat_interleave(n_per_class)
+    x = 0.3 * torch.randn(len(y), 3, size, size, generator=g)
+    x[torch.arange(len(y)), y] += 1.5
+    return x, y
+
+
+class ChannelTeacher(nn.Module):
+    """Logits = 4 x the per-channel mean: a perfect teacher for `separable_set`."""
+
+    def forward(self, x):
+        return 4 * x.mean((2, 3))
+
+
+def label_fn_for(images, teachers, *, seed, group, out_size, topk=0, scale=(0.25, 1.0)):
+    def label_fn(epoch):
+        plan = plan_epoch(len(images), epoch, seed, mix_group=group, source_size=tuple(images.shape[-2:]),
+                          crop_scale=scale, cutmix=True)
+        values, indices = soft_labels(images, plan, teachers, out_size=out_size, topk=topk)
+        return plan, dense_labels(values, indices, 3)
+    return label_fn
+
+
+class DropoutNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = ConvNet(3, 3, width=6, depth=2)
+        self.body.classifier = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 3))
+
+    def forward(self, x):
+        return self.body(x)
+
+
+@pytest.mark.parametrize("make,optimizer", [(DropoutNet, "adamw"), (lambda: ConvNet(3, 3, width=6, depth=2), "sgd")])
+def test_resume_from_a_saved_state_equals_training_straight_through(make, optimizer):
+    x, y = separable_set(4, seed=0, size=8)
+    label_fn = label_fn_for(x, [ChannelTeacher()], seed=5, group=2, out_size=8)
+    c = cfg(epochs=4, batch_size=4, lr=0.01, optimizer=optimizer, loss="mse_ce", ce_weight=0.1)
+    saved = {}
+    torch.manual_seed(1)
+    straight = make()
+    result = train_student(straight, x, label_fn, c, out_size=8, targets=y, seed=3,
+                           on_epoch_end=lambda e, st: saved.__setitem__(e, copy.deepcopy(st)))
+    assert result["epochs_run"] == 4 and sorted(saved) == [0, 1, 2, 3] and saved[1]["epoch"] == 2
+    torch.manual_seed(2)  # another init: the state must overwrite it
+    resumed = make()
+    again = train_student(resumed, x, label_fn, c, out_size=8, targets=y, seed=3, state=saved[1])
+    assert again["epochs_run"] == 2 and again["final_loss"] == result["final_loss"]
+    for (name, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+    # and the resumed run did train: the state after epoch 1 is not the final one
+    first = next(iter(straight.state_dict()))
+    assert not torch.equal(saved[1]["model"][first], straight.state_dict()[first])
+
+
+def test_stored_and_live_labels_train_the_same_student_bitwise():
+    x, y = separable_set(4, seed=1, size=8)
+    torch.manual_seed(0)
+    teachers = [freeze(ConvNet(3, 3, width=4, depth=2)), ChannelTeacher()]
+    live = label_fn_for(x, teachers, seed=9, group=2, out_size=8, topk=2)
+    stored = {}
+    for e in range(3):  # the relabel stage: labels per range of groups, through numpy as Parquet would hand them back
+        plan = plan_epoch(len(x), e, 9, mix_group=2, source_size=(8, 8), crop_scale=(0.25, 1.0), cutmix=True)
+        parts = [soft_labels(x, plan, teachers, out_size=8, topk=2, start=s, stop=min(s + 4, len(x)))
+                 for s in range(0, len(x), 4)]
+        values = torch.from_numpy(torch.cat([v for v, _ in parts]).numpy().copy())
+        indices = torch.from_numpy(torch.cat([i for _, i in parts]).numpy().copy())
+        stored[e] = (plan, values, indices)
+    c = cfg(epochs=3, batch_size=4, lr=0.01, loss="kl", temperature=4.0)
+    a, b = build_student("convnet", ModelShape(3, 3, 8), seed=4), build_student("convnet", ModelShape(3, 3, 8), seed=4)
+    train_student(a, x, live, c, out_size=8, targets=y)
+    train_student(b, x, lambda e: (stored[e][0], dense_labels(stored[e][1], stored[e][2], 3)), c, out_size=8,
+                  targets=y)
+    for t1, t2 in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(t1, t2)
+
+
+@pytest.mark.parametrize("loss", ["mse_ce", "kl"])
+def test_student_learns_a_separable_set_from_a_teachers_soft_labels(loss):
+    x, y = separable_set(10, seed=2)
+    label_fn = label_fn_for(x, [ChannelTeacher()], seed=0, group=5, out_size=12)
+    c = cfg(epochs=12, batch_size=10, lr=0.01, loss=loss, ce_weight=0.1, temperature=4.0)
+    student = build_student("convnet", ModelShape(3, 3, 12), seed=0)
+    result = train_student(student, x, label_fn, c, out_size=12, targets=y)
+    assert math.isfinite(result["final_loss"]) and result["epochs_run"] == 12
+    val_x, val_y = separable_set(30, seed=99)
+    assert evaluate_classifier(student, (val_x, val_y), topk=(1,))["top1"] >= 0.9
+
+
+# -------------------------------------------------------------------------------------------------- presets
+
+
+@pytest.fixture
+def repo_presets(monkeypatch):
+    monkeypatch.setenv(PRESET_DIR_ENV, str(PRESETS))
+
+
+def test_prism_recipe_is_the_reference(repo_presets):
+    ev = load_config(overrides=["evaluate.recipe=prism"]).evaluate
+    assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
+    assert (ev.loss, ev.ce_weight, ev.epochs, ev.batch_size) == ("mse_ce", 0.1, 300, 50)
+    assert ev.students == ["convnet"] and ev.seeds == [0, 1, 2]  # a recipe leaves students and seeds alone
+
+
+def test_sre2l_recipe_is_the_reference(repo_presets):
+    c = load_config(overrides=["evaluate.recipe=sre2l", "relabel.mix_group=1024", "evaluate.seeds=[4]"])
+    ev = c.evaluate
+    assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
+    assert (ev.loss, ev.temperature, ev.epochs, ev.batch_size) == ("kl", 20.0, 300, 1024)
+    assert ev.seeds == [4]
