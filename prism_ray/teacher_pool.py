@@ -11,6 +11,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
+from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import ModelShape, TeacherError, build_model, freeze, load_checkpoint, load_torchvision
 from prism_ray.config import Config, TeacherSpec
 from prism_ray.storage import Storage, filesystem, translate_errors
@@ -62,8 +63,10 @@ def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Sto
             raise TeacherError(f"{where}: no squeeze checkpoint at {storage.uri(key)}; run the squeeze stage "
                                f"first (prism-ray squeeze CONFIG)") from None
         return load_checkpoint(data, spec.arch, shape, source=f"{where} {storage.uri(key)}")
-    if w == "random":
-        return build_model(spec.arch, shape)
+    if w == "random":  # seeded by name: every worker must hold the same "random" teacher
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(derive_seed(cfg.run.seed, "random-teacher", spec.name))
+            return build_model(spec.arch, shape)
     if w.startswith("torchvision:"):
         if cfg.teachers.cache_dir:
             os.environ["TORCH_HOME"] = os.path.expanduser(cfg.teachers.cache_dir)

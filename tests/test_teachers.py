@@ -101,3 +101,16 @@ def test_missing_sources_are_clear(tmp_path):
         load_torchvision("resnet18", "IMAGENET1K_V1", SMALL)
     with pytest.raises(TeacherError, match="no torchvision weights 'IMAGENET9K'"):
         load_torchvision("resnet18", "IMAGENET9K", ModelShape(1000, 3, 224))
+
+
+def test_random_teachers_are_the_same_in_every_worker(tmp_path):
+    cfg = config_from_dict({"teachers": {"models": [{"name": "r", "arch": "convnet", "weights": "random"},
+                                                    {"name": "s", "arch": "convnet", "weights": "random"}]},
+                            "recover": {"primary": "r"}})
+    a = load_teacher(cfg.teacher("r"), SMALL, cfg, Storage(str(tmp_path)))
+    b = load_teacher(cfg.teacher("r"), SMALL, cfg, Storage(str(tmp_path)))
+    c = load_teacher(cfg.teacher("s"), SMALL, cfg, Storage(str(tmp_path)))
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        assert torch.equal(a.eval()(x), b.eval()(x))
+        assert not torch.equal(a(x), c.eval()(x))

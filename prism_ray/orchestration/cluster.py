@@ -28,7 +28,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         return
     kwargs = dict(namespace=cfg.namespace, logging_level=logging.WARNING, log_to_driver=True)
     try:
-        if cfg.address in (None, "", "local"):
+        if cfg.address in (None, "") and os.environ.get("RAY_ADDRESS"):
+            ray.init(**kwargs)  # inside `ray job submit` (or RAY_ADDRESS set): join that cluster
+        elif cfg.address in (None, "", "local"):
             ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=cfg.num_cpus, include_dashboard=False,
                      **kwargs)
         else:

@@ -85,7 +85,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
 
     n_workers = min(cfg.workers, len(queue))
     slots = {i: _Slot(start_actor(i, 0), 0) for i in range(n_workers)}
-    _wait_ready(slots)
+    _wait_ready(slots, cfg, progress)
     attempts: Counter = Counter()
     deaths: Counter = Counter()
     in_flight: dict = {}  # ObjectRef -> (slot id, generation, unit)
@@ -151,19 +151,28 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
     return report
 
 
-def _wait_ready(slots: dict) -> None:
-    """Fail fast, with the worker's own message, when workers cannot even start (missing teachers...)."""
-    refs = {slot.actor.ready.remote(): sid for sid, slot in slots.items()}
-    try:
-        ray.get(list(refs))
-    except ray.exceptions.RayActorError as e:
-        cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
-        if isinstance(cause, ray.exceptions.RayTaskError):
-            cause = _unwrap(cause)
-        for slot in slots.values():
-            _kill(slot.actor)
-        msg = describe_error(cause) if isinstance(cause, BaseException) else str(cause)
-        raise StageError(f"workers could not start: {msg}") from None
+def _wait_ready(slots: dict, cfg: RayConfig, progress: Progress, note_every: float = 30.0) -> None:
+    """Wait until every worker has loaded what it needs; say so while resources are missing, and fail fast,
+    with the worker's own message, when workers cannot start at all (missing teachers, bad data...)."""
+    refs = [slot.actor.ready.remote() for slot in slots.values()]
+    pending = refs
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=note_every)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as e:
+            cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
+            if isinstance(cause, ray.exceptions.RayTaskError):
+                cause = _unwrap(cause)
+            for slot in slots.values():
+                _kill(slot.actor)
+            msg = describe_error(cause) if isinstance(cause, BaseException) else str(cause)
+            raise StageError(f"workers could not start: {msg}") from None
+        if pending:
+            free = ray.available_resources()
+            progress.note(f"waiting for {len(pending)} of {len(refs)} workers to start (each needs "
+                          f"{cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU; free now: "
+                          f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)")
 
 
 def _kill(actor) -> None:

@@ -41,3 +41,24 @@ def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, ex
     assert sorted(on_disk) == sorted(listed)
     combined = storage.read_table(f"{recover_prefix(set_name)}/manifest.parquet")
     assert combined.num_rows == expected_images
+
+
+def pipeline_config(output: str, **sections):
+    """All four stages on 4 Fashion-MNIST classes with random-weight teachers: seconds per stage."""
+    raw = {
+        "run": {"name": "e2e", "output": output, "seed": 2},
+        "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": 4, "max_per_class": 20,
+                 "max_val": 200},
+        "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
+                                {"name": "t2", "arch": "shufflenet_v2_x0_5", "weights": "random"}]},
+        "recover": {"primary": "t1", "bn_pool": ["t2"], "ipc": 2, "class_group": 4, "iterations": 5,
+                    "schedule": "flat", "jitter": 2, "crop_scale": [0.8, 1.0], "image_format": "png"},
+        "baselines": {"random_real": True},
+        "relabel": {"mode": "stored", "mix_group": 4, "epochs_per_shard": 2},
+        "evaluate": {"recipe": "prism", "students": ["convnet"], "seeds": [0, 1], "epochs": 6, "batch_size": 8,
+                     "checkpoint_every": 2},
+        "ray": {"workers": 2, "cpus_per_worker": 1},
+    }
+    for key, value in sections.items():
+        raw.setdefault(key, {}).update(value)
+    return config_from_dict(raw)

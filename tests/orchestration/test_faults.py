@@ -2,6 +2,7 @@
 and the driver itself killed with SIGKILL. Every shard must end up committed exactly once."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 
 import pytest
 import ray
+import torch
 import yaml
 from ray.cluster_utils import Cluster
 
@@ -137,3 +139,71 @@ def test_driver_killed_then_rerun(cluster, tmp_path):
     assert report["ran"] == 20 - before  # only the shards that were not committed ran
     assert report["duplicates"] == 0
     check_exactly_once(pipeline.open_storage(cfg), "prism", 20, 40)
+
+
+def _prepare_images(cfg):
+    """Recover the image sets in this process (connected to the cluster): what relabel/evaluate read."""
+    (recover, random_real) = pipeline.execute(cfg, ["recover"], quiet=True)
+    assert recover.complete and random_real.complete
+
+
+def test_relabel_driver_killed_then_rerun(cluster, tmp_path):
+    from tests.orchestration.helpers import pipeline_config
+    c, _ = cluster
+    cfg = pipeline_config(str(tmp_path / "run"), relabel={"mode": "stored", "mix_group": 4, "epochs_per_shard": 1},
+                          evaluate={"epochs": 40, "batch_size": 8},
+                          ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "address": c.address})
+    _prepare_images(cfg)
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    cmd = [sys.executable, "-m", "prism_ray", "relabel", str(cfg_path), "--json"]
+    driver = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+    store = ShardStore(pipeline.open_storage(cfg), "relabel")
+    try:
+        _wait_committed(store, 8)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 60
+    while _worker_actors() and time.time() < deadline:
+        time.sleep(0.2)
+    before = len(store.committed())
+    assert 8 <= before < 80
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    (report,) = json.loads(rerun.stdout)
+    assert (report["skipped"], report["ran"], report["duplicates"]) == (before, 80 - before, 0)
+    assert len(store.committed()) == 80 and all(store.verify(s) == [] for s in store.committed())
+
+
+def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
+    from prism_ray.stages.evaluate import STUDENTS_PREFIX, StudentStage, checkpoint_key
+    from tests.orchestration.helpers import pipeline_config
+    cfg = pipeline_config(str(tmp_path / "run"), relabel={"mode": "live", "mix_group": 4},
+                          evaluate={"epochs": 400, "batch_size": 8, "seeds": [0], "checkpoint_every": 10},
+                          baselines={"random_real": False},
+                          ray={"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 1})
+    pipeline.execute(cfg, ["recover"], quiet=True)
+    storage = pipeline.open_storage(cfg)
+    context = pipeline.data_context(cfg)
+    stage = StudentStage(cfg, storage, context)
+    stage.check_config()
+    (unit,) = stage.units()
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(report=run_stage_ray(stage, cfg.ray, quiet=True)),
+                              daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not storage.exists(checkpoint_key(unit)) and time.time() < deadline:
+        time.sleep(0.05)
+    saved_epoch = torch.load(io.BytesIO(storage.read_bytes(checkpoint_key(unit))), weights_only=False)["epoch"]
+    (victim,) = _worker_actors()
+    ray.kill(ray.get_actor(victim.name, namespace="prism-ray"), no_restart=True)
+    thread.join(timeout=600)
+    report = result["report"]
+    assert report.complete and report.workers_lost == 1
+    (row,) = storage.read_table(f"{STUDENTS_PREFIX}/manifest.parquet").to_pylist()
+    assert row["resumed_from_epoch"] >= saved_epoch >= 10  # from its checkpoint, not from epoch 0
+    assert row["epochs"] == 400
+    assert not storage.exists(checkpoint_key(unit))  # the commit cleared it
