@@ -142,15 +142,20 @@ class Storage:
             self.write_bytes(key, b"ok")
             self.fs.rm(self.path(key))
 
+    @staticmethod
+    def _local_temp(path: str, data: bytes) -> str:
+        """`data` in a fresh temporary file beside `path` (same filesystem: it can be renamed or linked)."""
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        return tmp
+
     def write_bytes(self, key: str, data: bytes) -> None:
         path = self.path(key)
         with translate_errors("cannot write", self.uri(key)):
             if self.local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                os.replace(tmp, path)  # readers never see half a file
+                os.replace(self._local_temp(path, data), path)  # readers never see half a file
             else:
                 self.fs.pipe_file(path, data)
 
@@ -159,10 +164,7 @@ class Storage:
         path = self.path(key)
         with translate_errors("cannot write", self.uri(key)):
             if self.local:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-                with open(tmp, "wb") as f:
-                    f.write(data)
+                tmp = self._local_temp(path, data)
                 try:
                     os.link(tmp, path)  # atomic create-if-absent with the whole content in place
                     return True

@@ -71,27 +71,10 @@ def _first_conv_in(module: nn.Module, path: list, in_channels: int, small: bool)
         setattr(parent, last, new)
 
 
-def _mobilenet_v2(width: float) -> Callable:
+def _stem_at_features(fn: Callable, **kwargs) -> Callable:
+    """MobileNet / EfficientNet family: the stem conv is features[0][0]."""
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
-        m = torchvision.models.mobilenet_v2(num_classes=num_classes, width_mult=width)
-        if small or in_channels != 3:
-            _first_conv_in(m, ["features", 0, 0], in_channels, small)
-        return m
-    return build
-
-
-def _mobilenet_v3(fn: Callable) -> Callable:
-    def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
-        m = fn(num_classes=num_classes)
-        if small or in_channels != 3:
-            _first_conv_in(m, ["features", 0, 0], in_channels, small)
-        return m
-    return build
-
-
-def _efficientnet(fn: Callable) -> Callable:
-    def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
-        m = fn(num_classes=num_classes)
+        m = fn(num_classes=num_classes, **kwargs)
         if small or in_channels != 3:
             _first_conv_in(m, ["features", 0, 0], in_channels, small)
         return m
@@ -157,12 +140,12 @@ ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "resnet101": _resnet(tvm.resnet101),
     "resnet152": _resnet(tvm.resnet152),
     "wide_resnet50_2": _resnet(tvm.wide_resnet50_2),
-    "mobilenet_v2": _mobilenet_v2(1.0),
-    "mobilenet_v2_x0_5": _mobilenet_v2(0.5),  # no torchvision weights: for small data
-    "mobilenet_v3_small": _mobilenet_v3(tvm.mobilenet_v3_small),
-    "mobilenet_v3_large": _mobilenet_v3(tvm.mobilenet_v3_large),
-    "efficientnet_b0": _efficientnet(tvm.efficientnet_b0),
-    "efficientnet_b1": _efficientnet(tvm.efficientnet_b1),
+    "mobilenet_v2": _stem_at_features(tvm.mobilenet_v2),
+    "mobilenet_v2_x0_5": _stem_at_features(tvm.mobilenet_v2, width_mult=0.5),  # no torchvision weights: small data
+    "mobilenet_v3_small": _stem_at_features(tvm.mobilenet_v3_small),
+    "mobilenet_v3_large": _stem_at_features(tvm.mobilenet_v3_large),
+    "efficientnet_b0": _stem_at_features(tvm.efficientnet_b0),
+    "efficientnet_b1": _stem_at_features(tvm.efficientnet_b1),
     "shufflenet_v2_x0_5": _shufflenet(tvm.shufflenet_v2_x0_5),
     "shufflenet_v2_x1_0": _shufflenet(tvm.shufflenet_v2_x1_0),
     "alexnet": _alexnet,

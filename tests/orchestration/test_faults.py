@@ -74,6 +74,23 @@ def _worker_actors():
     return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
 
 
+def _kill_driver_after(cmd: list[str], store: ShardStore, committed: int) -> int:
+    """Start the driver, SIGKILL it once `committed` units are in, wait until Ray has ended its actors
+    (so nothing commits behind the test's back); return how many units were committed then."""
+    driver = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        _wait_committed(store, committed)
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait()
+    deadline = time.time() + 60
+    while _worker_actors() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _worker_actors()
+    return len(store.committed())
+
+
 def test_killed_worker_actor(cluster, tmp_path):
     cfg = recover_config(str(tmp_path / "run"), ipc=8, iterations=120, workers=3,
                          ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "max_attempts": 1})
@@ -116,23 +133,11 @@ def test_driver_killed_then_rerun(cluster, tmp_path):
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     cmd = [sys.executable, "-m", "prism_ray", "recover", str(cfg_path), "--json"]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    driver = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     store = ShardStore(pipeline.open_storage(cfg), "recover/prism")
-    try:
-        _wait_committed(store, 3)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    # Ray ends the dead driver's actors; wait until none is left so nothing commits behind our back
-    deadline = time.time() + 60
-    while _worker_actors() and time.time() < deadline:
-        time.sleep(0.2)
-    assert not _worker_actors()
-    before = len(store.committed())
+    before = _kill_driver_after(cmd, store, 3)
     assert 3 <= before < 20
 
-    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     (report,) = json.loads(rerun.stdout)
     assert report["skipped"] == before
@@ -157,18 +162,8 @@ def test_relabel_driver_killed_then_rerun(cluster, tmp_path):
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
     cmd = [sys.executable, "-m", "prism_ray", "relabel", str(cfg_path), "--json"]
-    driver = subprocess.Popen(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE)
     store = ShardStore(pipeline.open_storage(cfg), "relabel")
-    try:
-        _wait_committed(store, 8)
-    finally:
-        driver.send_signal(signal.SIGKILL)
-        driver.wait()
-    deadline = time.time() + 60
-    while _worker_actors() and time.time() < deadline:
-        time.sleep(0.2)
-    before = len(store.committed())
+    before = _kill_driver_after(cmd, store, 8)
     assert 8 <= before < 80
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
