@@ -33,7 +33,7 @@ def run_status(storage: Storage) -> dict:
         store = ShardStore(storage, prefix)
         planned = list(plan["units"])
         committed = store.committed() & set(planned)
-        failures = {k: v for k, v in store.failures().items() if k not in committed}
+        failures = store.failures()  # only units still not committed
         missing = [u for u in planned if u not in committed]
         per_unit = plan.get("unit_images", {})
         stages.append({

@@ -280,9 +280,7 @@ class ShardStore:
             self.storage.write_bytes(self.key(rel), data)
             records.append({**row, "shard_id": shard_id, "path": rel, "bytes": len(data), "sha256": sha256(data)})
         table = pa.Table.from_pylist(records, schema=schema)
-        created = self.storage.create_exclusive(self.manifest_key(shard_id), table_bytes(table))
-        if created:
-            self.storage.delete(self.failure_key(shard_id))
+        if self.storage.create_exclusive(self.manifest_key(shard_id), table_bytes(table)):
             return CommitResult(shard_id, True, table)
         return CommitResult(shard_id, False, self.read(shard_id))
 
@@ -323,9 +321,23 @@ class ShardStore:
         self.storage.write_json(self.failure_key(shard_id),
                                 {"shard_id": shard_id, "error": error, "attempts": attempts, "time": time.time()})
 
+    def failed_ids(self) -> set[str]:
+        """Units with a failure record (some may have committed since: see `failures`)."""
+        keys = self.storage.list(self.key(FAILED), suffix=".json")
+        return {posixpath.basename(k)[: -len(".json")] for k in keys}
+
     def failures(self) -> dict[str, dict]:
+        """Failure records of units that are still not committed, by unit id.
+
+        Commits leave records alone (one request less per commit); the executors delete the records of
+        units they commit, and this filter hides any a crash left behind.
+        """
+        failed = self.failed_ids()
+        if not failed:
+            return {}
         out = {}
-        for key in self.storage.list(self.key(FAILED), suffix=".json"):
+        for shard_id in sorted(failed - self.committed()):
+            key = self.failure_key(shard_id)
             try:
                 rec = self.storage.read_json(key)
             except FileNotFoundError:  # cleared between list and read

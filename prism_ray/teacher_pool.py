@@ -64,9 +64,7 @@ def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Sto
                                f"first (prism-ray squeeze CONFIG)") from None
         return load_checkpoint(data, spec.arch, shape, source=f"{where} {storage.uri(key)}")
     if w == "random":  # seeded by name: every worker must hold the same "random" teacher
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(derive_seed(cfg.run.seed, "random-teacher", spec.name))
-            return build_model(spec.arch, shape)
+        return build_model(spec.arch, shape, seed=derive_seed(cfg.run.seed, "random-teacher", spec.name))
     if w.startswith("torchvision:"):
         if cfg.teachers.cache_dir:
             os.environ["TORCH_HOME"] = os.path.expanduser(cfg.teachers.cache_dir)

@@ -36,9 +36,7 @@ SCHEDULES = ("cosine", "prism_reference")
 
 def build_student(arch: str, shape: ModelShape, seed: int) -> nn.Module:
     """A fresh `arch` initialised from `seed` without touching the global RNG."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(arch, shape)
+    return build_model(arch, shape, seed=seed)
 
 
 def no_decay_parameters(model: nn.Module) -> set[int]:

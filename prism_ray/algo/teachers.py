@@ -170,11 +170,16 @@ class ModelShape:
         return self.resolution <= SMALL_INPUT_MAX
 
 
-def build_model(arch: str, shape: ModelShape) -> nn.Module:
-    """A freshly initialised network of `arch` for inputs of `shape`."""
+def build_model(arch: str, shape: ModelShape, seed: int | None = None) -> nn.Module:
+    """A freshly initialised network of `arch` for inputs of `shape`; with `seed`, initialised from it
+    without touching the global RNG (every worker then builds the same network)."""
     if arch not in ARCHITECTURES:
         raise TeacherError(f"unknown architecture {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
-    return ARCHITECTURES[arch](shape.num_classes, shape.in_channels, shape.small)
+    if seed is None:
+        return ARCHITECTURES[arch](shape.num_classes, shape.in_channels, shape.small)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return ARCHITECTURES[arch](shape.num_classes, shape.in_channels, shape.small)
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -10,7 +10,6 @@ go from the actor straight to storage.
 from __future__ import annotations
 
 import threading
-import time
 import uuid
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -19,8 +18,7 @@ import ray
 
 from prism_ray.config import RayConfig
 from prism_ray.orchestration.cluster import set_torch_threads
-from prism_ray.orchestration.local import describe_error
-from prism_ray.orchestration.progress import Progress, StageReport
+from prism_ray.orchestration.progress import Progress, StageReport, StageRun, describe_error
 from prism_ray.stages.base import Stage, StageError, Unit
 
 DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often is failed rather than requeued forever
@@ -59,18 +57,11 @@ def _unwrap(e: ray.exceptions.RayTaskError) -> BaseException:
 
 def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageReport:
     """Run every uncommitted unit of `stage` on Ray actors; return what happened."""
-    units = stage.units()
-    store = stage.store
-    committed = store.committed()
-    queue = deque(u for u in units if u.id not in committed)
-    report = StageReport(stage.name, len(units), skipped=len(units) - len(queue))
-    progress = Progress(stage.name, stage.unit_noun, len(units), report.skipped, quiet=quiet)
-    progress.start()
-    t0 = time.perf_counter()
+    run = StageRun(stage, quiet=quiet)
+    report, progress = run.report, run.progress
+    queue = deque(run.todo)
     if not queue:
-        report.seconds = time.perf_counter() - t0
-        stage.finalize()
-        return report
+        return run.finish()
 
     actor_cls = ray.remote(StageActor)
     actor_options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
@@ -90,11 +81,6 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
     deaths: Counter = Counter()
     in_flight: dict = {}  # ObjectRef -> (slot id, generation, unit)
 
-    def fail(unit: Unit, error: str, n: int) -> None:
-        store.record_failure(unit.id, error, n)
-        report.failed[unit.id] = error
-        progress.unit_failed(unit.id, error)
-
     try:
         while queue or in_flight:
             for sid, slot in slots.items():
@@ -103,7 +89,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                     ref = slot.actor.run.remote(unit)
                     in_flight[ref] = (sid, slot.generation, unit)
                     slot.in_flight += 1
-                    report.attempts += 1
+                    run.attempt()
             ready, _ = ray.wait(list(in_flight), num_returns=1)
             for ref in ready:
                 sid, generation, unit = in_flight.pop(ref)
@@ -114,17 +100,13 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                     summary = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # the unit's own code raised
                     attempts[unit.id] += 1
-                    error = describe_error(_unwrap(e))
-                    if attempts[unit.id] >= cfg.max_attempts:
-                        fail(unit, error, attempts[unit.id])
-                    else:
-                        progress.retry(unit.id, attempts[unit.id], error)
+                    if run.raised(unit, describe_error(_unwrap(e)), attempts[unit.id], cfg.max_attempts):
                         queue.append(unit)
                     continue
                 except ray.exceptions.RayError as e:  # the actor died under it: not the unit's fault
                     deaths[unit.id] += 1
                     if deaths[unit.id] >= max(DEATHS_BEFORE_FAILING, cfg.max_attempts):
-                        fail(unit, f"worker died {deaths[unit.id]} times running it ({type(e).__name__})",
+                        run.fail(unit, f"worker died {deaths[unit.id]} times running it ({type(e).__name__})",
                              deaths[unit.id])
                     else:
                         queue.appendleft(unit)
@@ -135,20 +117,11 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                         _kill(slot.actor)
                         slots[sid] = _Slot(start_actor(sid, generation + 1), generation + 1)
                     continue
-                if summary.get("committed", True):
-                    report.ran += 1
-                else:
-                    report.duplicates += 1
-                images = int(summary.get("images", 0))
-                report.images += images
-                progress.unit_done(images)
+                run.done(unit, summary)
     finally:
         for slot in slots.values():
             _kill(slot.actor)
-    report.seconds = time.perf_counter() - t0
-    if report.complete:
-        stage.finalize()
-    return report
+    return run.finish()
 
 
 def _wait_ready(slots: dict, cfg: RayConfig, progress: Progress, note_every: float = 30.0) -> None:

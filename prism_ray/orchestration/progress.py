@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prism_ray.stages.base import Stage, Unit
 
 
 @dataclass
@@ -26,7 +31,8 @@ class StageReport:
     def to_json(self) -> dict:
         return {"stage": self.stage, "total": self.total, "skipped": self.skipped, "ran": self.ran,
                 "duplicates": self.duplicates, "failed": self.failed, "attempts": self.attempts,
-                "workers_lost": self.workers_lost, "images": self.images, "seconds": round(self.seconds, 3), "complete": self.complete}
+                "workers_lost": self.workers_lost, "images": self.images, "seconds": round(self.seconds, 3),
+                "complete": self.complete}
 
 
 def _hms(seconds: float) -> str:
@@ -77,3 +83,61 @@ class Progress:
     def _print(self, text: str) -> None:
         if not self.quiet:
             print(f"[{self.stage}] {text}", file=self.stream, flush=True)
+
+
+def describe_error(e: BaseException) -> str:
+    """One line: the exception type and message, and where in our code it was raised."""
+    tb = traceback.extract_tb(e.__traceback__)
+    ours = [f for f in tb if "prism_ray" in f.filename]
+    where = f" (at {ours[-1].filename.rsplit('prism_ray/', 1)[-1]}:{ours[-1].lineno})" if ours else ""
+    return f"{type(e).__name__}: {e}{where}"
+
+
+class StageRun:
+    """The bookkeeping every executor shares for one invocation of a stage: what is left to run, what
+    finished or failed (recorded under the run), the progress lines, and the report at the end."""
+
+    def __init__(self, stage: "Stage", quiet: bool = False):
+        self.stage, self.store = stage, stage.store
+        units = stage.units()
+        committed = self.store.committed()
+        self.todo: list[Unit] = [u for u in units if u.id not in committed]
+        # failure records of earlier invocations: cleared when their unit commits this time
+        self._stale_failures = self.store.failed_ids() & {u.id for u in self.todo}
+        self.report = StageReport(stage.name, len(units), skipped=len(units) - len(self.todo))
+        self.progress = Progress(stage.name, stage.unit_noun, len(units), self.report.skipped, quiet=quiet)
+        self.progress.start()
+        self._t0 = time.perf_counter()
+
+    def attempt(self) -> None:
+        self.report.attempts += 1
+
+    def done(self, unit: "Unit", summary: dict) -> None:
+        if summary.get("committed", True):
+            self.report.ran += 1
+        else:
+            self.report.duplicates += 1
+        images = int(summary.get("images", 0))
+        self.report.images += images
+        self.progress.unit_done(images)
+        if unit.id in self._stale_failures:
+            self.store.storage.delete(self.store.failure_key(unit.id))
+
+    def raised(self, unit: "Unit", error: str, attempt: int, max_attempts: int) -> bool:
+        """A unit's code raised on its `attempt`-th try: True to retry, False once it is recorded failed."""
+        if attempt < max_attempts:
+            self.progress.retry(unit.id, attempt, error)
+            return True
+        self.fail(unit, error, attempt)
+        return False
+
+    def fail(self, unit: "Unit", error: str, attempts: int) -> None:
+        self.store.record_failure(unit.id, error, attempts)
+        self.report.failed[unit.id] = error
+        self.progress.unit_failed(unit.id, error)
+
+    def finish(self) -> StageReport:
+        self.report.seconds = time.perf_counter() - self._t0
+        if self.report.complete:
+            self.stage.finalize()
+        return self.report

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
 
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import build_model, checkpoint_bytes
@@ -66,8 +65,7 @@ class SqueezeWorker(Worker):
         spec = cfg.teacher(unit.id)
         shape = model_shape(cfg, stage.context.num_classes)
         seed = derive_seed(cfg.run.seed, "squeeze", spec.name)
-        torch.manual_seed(seed)  # weight initialisation
-        model = build_model(spec.arch, shape)
+        model = build_model(spec.arch, shape, seed=seed)
         sq = cfg.squeeze
         t0 = time.perf_counter()
         stats = train_classifier(model, self.train_data, epochs=sq.epochs, batch_size=sq.batch_size, lr=sq.lr,

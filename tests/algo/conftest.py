@@ -76,29 +76,6 @@ def norm() -> Normalization:
     return Normalization((0.2860,), (0.3530,))
 
 
-@torch.no_grad()
-def recalibrate_bn(model: nn.Module, x: torch.Tensor, batch_size: int = 500) -> nn.Module:
-    """Running statistics re-estimated as exact averages over `x` with the final weights.
-
-    After a short training run the momentum averages still mix in statistics of much earlier weights
-    (mobilenet_v2: 34% validation top-1 in eval mode, 65% once recalibrated), and the BN loss would then
-    pull the images towards statistics the network no longer produces.
-    """
-    from prism_ray.algo.bn_loss import bn_layers
-
-    layers = bn_layers(model)
-    momenta = [layer.momentum for layer in layers]
-    for layer in layers:
-        layer.reset_running_stats()
-        layer.momentum = None  # cumulative average
-    model.train()
-    for start in range(0, len(x), batch_size):
-        model(x[start:start + batch_size])
-    for layer, momentum in zip(layers, momenta):
-        layer.momentum = momentum
-    return model.eval()
-
-
 @pytest.fixture(scope="session")
 def fashion_mnist_pool():
     """convnet, mobilenet_v2 and shufflenet_v2_x0_5 trained on 300 Fashion-MNIST images per class, BN recalibrated.
@@ -108,17 +85,14 @@ def fashion_mnist_pool():
     the engine.
     """
     from prism_ray.algo.teachers import ModelShape, build_model
-    from prism_ray.algo.train import train_classifier
+    from prism_ray.algo.train import recalibrate_bn, train_classifier
     from prism_ray.config import DataConfig
-    from prism_ray.data import DataError, build_dataset
+    from prism_ray.data import build_dataset
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    try:
-        train = build_dataset(DataConfig(root=FMNIST_ROOT, max_per_class=300), "train")
-    except DataError as e:
-        pytest.skip(f"Fashion-MNIST not available: {e}")
+    train = build_dataset(DataConfig(root=FMNIST_ROOT, max_per_class=300), "train")
     x, y = train.tensors()
     shape = ModelShape(train.num_classes, 1, 28)
     pool = {}
@@ -126,6 +100,7 @@ def fashion_mnist_pool():
         torch.manual_seed(i)
         model = build_model(arch, shape)
         train_classifier(model, (x, y), epochs=epochs, batch_size=64, lr=0.05, seed=i)
-        pool[arch] = freeze(recalibrate_bn(model, x))
+        recalibrate_bn(model, (x, y), batch_size=500, max_images=len(x))
+        pool[arch] = freeze(model)
     torch.set_num_threads(before)
     return pool, train, time.perf_counter() - t0
