@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import ray  # noqa: E402
 
 from prism_ray import pipeline  # noqa: E402
-from prism_ray.config import config_from_dict  # noqa: E402
+from prism_ray.config_loader import config_from_dict  # noqa: E402
 from prism_ray.orchestration.dispatch import run_stage_ray  # noqa: E402
 
 

@@ -20,7 +20,7 @@ import boto3  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
 
 from prism_ray.config import StorageConfig  # noqa: E402
-from prism_ray.pipeline import RUN_RECORD  # noqa: E402
+from prism_ray.runs import RUN_RECORD  # noqa: E402
 from prism_ray.stages.recover import plan_shards  # noqa: E402
 from prism_ray.status import run_status  # noqa: E402
 from prism_ray.storage import ShardStore, Storage  # noqa: E402

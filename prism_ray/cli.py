@@ -10,7 +10,8 @@ import json
 import sys
 from typing import Sequence
 
-from prism_ray.config import STAGES, ConfigError, load_config
+from prism_ray.config import STAGES, ConfigError
+from prism_ray.config_loader import load_config
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -7,26 +7,15 @@ can report on a run from storage alone and a resume can refuse a changed config.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Callable
 
 from prism_ray.config import STAGES, Config
-from prism_ray.data import build_dataset
 from prism_ray.orchestration.progress import StageReport
+from prism_ray.runs import data_context, open_storage, record_run
 from prism_ray.stages.base import RunContext, Stage
 from prism_ray.storage import Storage
 
-RUN_RECORD = "run.json"
-
-
-def open_storage(cfg: Config) -> Storage:
-    return Storage(cfg.run.output, cfg.storage)
-
-
-def data_context(cfg: Config) -> RunContext:
-    """Class names and per-class counts of the (capped) training set."""
-    train = build_dataset(cfg.data, "train", cfg.storage)
-    return RunContext(train.num_classes, train.class_names, train.counts())
+__all__ = ["build_stages", "data_context", "execute", "open_storage", "record_run", "record_plan", "run_stages"]
 
 
 def build_stages(cfg: Config, storage: Storage, context: RunContext, names: list[str] | None = None) -> list[Stage]:
@@ -48,11 +37,6 @@ def build_stages(cfg: Config, storage: Storage, context: RunContext, names: list
             from prism_ray.stages.evaluate import evaluate_stages
             stages.extend(evaluate_stages(cfg, storage, context))
     return stages
-
-
-def record_run(cfg: Config, storage: Storage, context: RunContext) -> None:
-    storage.write_json(RUN_RECORD, {"config": cfg.to_dict(redact=True), "context": context.to_json(),
-                                    "started": time.time()})
 
 
 def record_plan(stage: Stage) -> None:

@@ -9,6 +9,7 @@ from math import comb
 
 from prism_ray.algo.schedule import iterations_for
 from prism_ray.config import Config, RecoverConfig
+from prism_ray.formatting import human_bytes
 
 # Bytes per pixel (all channels) of stored synthetic images, measured on recover outputs: synthetic images
 # are high-frequency, so they compress worse than photos (see README, storage figures).
@@ -38,19 +39,12 @@ def recover_figures(rc: RecoverConfig, num_classes: int, channels: int, resoluti
             "storage_bytes": images * (per_image + MANIFEST_BYTES_PER_IMAGE)}
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover
-
 
 def num_classes_for(cfg: Config) -> int:
     """data.classes when set (no listing needed), else the data set's class count."""
     if cfg.data.classes:
         return cfg.data.classes
-    from prism_ray.pipeline import data_context
+    from prism_ray.runs import data_context
     return data_context(cfg).num_classes
 
 

@@ -14,7 +14,7 @@ from collections import defaultdict
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from prism_ray.pipeline import RUN_RECORD
+from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
 from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
 from prism_ray.storage import COMBINED, Storage

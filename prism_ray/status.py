@@ -5,7 +5,7 @@ import json
 import sys
 
 from prism_ray.config import STAGES
-from prism_ray.pipeline import RUN_RECORD
+from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
 from prism_ray.storage import ShardStore, Storage
 

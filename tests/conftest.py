@@ -66,7 +66,7 @@ def ray_local():
 
 def small_config(output: str, **sections):
     """A config for tests: Fashion-MNIST, few images, tiny teachers, local storage unless told."""
-    from prism_ray.config import config_from_dict
+    from prism_ray.config_loader import config_from_dict
 
     raw = {
         "run": {"name": "test", "output": output, "seed": 0},

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from prism_ray.cli import main
-from prism_ray.config import ConfigError, load_config
+from prism_ray.config import ConfigError
+from prism_ray.config_loader import load_config
 
 BAD_OVERRIDES = [
     # (overrides, field the error must name, a word of what is allowed)

@@ -6,7 +6,8 @@ import torch
 
 from prism_ray.algo.teachers import (ARCHITECTURES, ModelShape, TeacherError, build_model, checkpoint_bytes,
                                      has_batchnorm, load_checkpoint, load_torchvision)
-from prism_ray.config import StorageConfig, TeacherSpec, config_from_dict
+from prism_ray.config import StorageConfig, TeacherSpec
+from prism_ray.config_loader import config_from_dict
 from prism_ray.storage import Storage
 from prism_ray.teacher_pool import load_pool, load_teacher
 

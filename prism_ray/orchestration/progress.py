@@ -7,6 +7,8 @@ import traceback
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from prism_ray.formatting import hms
+
 if TYPE_CHECKING:
     from prism_ray.stages.base import Stage, Unit
 
@@ -34,10 +36,6 @@ class StageReport:
                 "workers_lost": self.workers_lost, "images": self.images, "seconds": round(self.seconds, 3),
                 "complete": self.complete}
 
-
-def _hms(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
 class Progress:
@@ -77,8 +75,8 @@ class Progress:
         rate_units = self.done / elapsed if elapsed > 0 else 0.0
         eta = (todo - self.done - self.failed) / rate_units if rate_units > 0 else 0.0
         ips = f", {self.images / elapsed:.2f} images/s" if self.images else ""
-        self._print(f"{self.already + self.done}/{self.total} {self.noun}s{ips}, elapsed {_hms(elapsed)}, "
-                    f"ETA {_hms(eta)}")
+        self._print(f"{self.already + self.done}/{self.total} {self.noun}s{ips}, elapsed {hms(elapsed)}, "
+                    f"ETA {hms(eta)}")
 
     def _print(self, text: str) -> None:
         if not self.quiet:

@@ -21,6 +21,7 @@ from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.soft_labels import EpochPlan, dense_labels, plan_epoch, soft_labels
 from prism_ray.config import Config
 from prism_ray.data import build_dataset
+from prism_ray.formatting import human_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.image_sets import ImageSetCache, sets_fingerprint
 from prism_ray.storage import Storage, table_bytes
@@ -57,7 +58,6 @@ def relabel_figures(cfg: Config, num_classes: int) -> dict:
     per_row = 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26  # logits (+ indices), plan columns
     files = -(-epochs // cfg.relabel.epochs_per_shard)
     size = n_images * epochs * per_row
-    from prism_ray.plan import human_bytes
     if cfg.relabel.mode == "live":
         return {"files": 0, "bytes": 0, "describe": f"live: no files, teachers run during training ({epochs} "
                                                     f"epochs x {n_images:,} images of teacher forwards)"}

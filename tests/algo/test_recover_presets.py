@@ -1,21 +1,14 @@
 """The `prism` and `sre2l` recover presets hold the reference values and resolve through the config loader."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from prism_ray.algo.schedule import iterations_for
 from prism_ray.algo.selection import TeacherSelection
-from prism_ray.config import PRESET_DIR_ENV, load_config
+from prism_ray.config_loader import load_config, preset_dir
 
-PRESETS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "presets"
-
-
-@pytest.fixture(autouse=True)
-def repo_presets(monkeypatch):
-    monkeypatch.setenv(PRESET_DIR_ENV, str(PRESETS))
+PRESETS = preset_dir()  # the presets shipped inside the package
 
 
 @pytest.mark.parametrize("name", ["prism", "sre2l"])

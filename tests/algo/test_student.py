@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,9 +13,9 @@ from prism_ray.algo.student import (build_optimizer, build_scheduler, build_stud
                                     train_student)
 from prism_ray.algo.teachers import ConvNet, ModelShape, build_model, freeze
 from prism_ray.algo.train import evaluate_classifier
-from prism_ray.config import PRESET_DIR_ENV, EvaluateConfig, load_config
+from prism_ray.config import EvaluateConfig
+from prism_ray.config_loader import load_config
 
-PRESETS = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "presets"
 
 
 def cfg(**kw) -> EvaluateConfig:
@@ -204,19 +203,14 @@ def test_student_learns_a_separable_set_from_a_teachers_soft_labels(loss):
 # -------------------------------------------------------------------------------------------------- presets
 
 
-@pytest.fixture
-def repo_presets(monkeypatch):
-    monkeypatch.setenv(PRESET_DIR_ENV, str(PRESETS))
-
-
-def test_prism_recipe_is_the_reference(repo_presets):
+def test_prism_recipe_is_the_reference():
     ev = load_config(overrides=["evaluate.recipe=prism"]).evaluate
     assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
     assert (ev.loss, ev.ce_weight, ev.epochs, ev.batch_size) == ("mse_ce", 0.1, 300, 50)
     assert ev.students == ["convnet"] and ev.seeds == [0, 1, 2]  # a recipe leaves students and seeds alone
 
 
-def test_sre2l_recipe_is_the_reference(repo_presets):
+def test_sre2l_recipe_is_the_reference():
     c = load_config(overrides=["evaluate.recipe=sre2l", "relabel.mix_group=1024", "evaluate.seeds=[4]"])
     ev = c.evaluate
     assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)

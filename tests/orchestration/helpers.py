@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import posixpath
 
-from prism_ray.config import config_from_dict
+from prism_ray.config_loader import config_from_dict
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.storage import ShardStore, Storage
 from tests.conftest import FMNIST_ROOT
