@@ -8,11 +8,15 @@ files and `--set` overrides into these classes and applies the checks.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 RANDOM_REAL = "random_real"
+# Set names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_', '.', '-',
+# starting with a letter or digit, never '--', so that no name reaches outside the run or splits ambiguously.
+SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class ConfigError(ValueError):
@@ -95,7 +99,8 @@ class RecoverConfig:
     preset: Optional[str] = _f(None, doc="named preset (prism_ray/presets/recover); explicit keys win")
     name: str = _f("prism", doc="name of the synthetic set this recover produces")
     primary: str = _f("convnet", doc="teacher whose logits give the CE loss")
-    bn_pool: list[str] = _f(factory=list, doc="teachers the extra BN teachers are drawn from")
+    bn_pool: Optional[list[str]] = _f(None, doc="teachers the extra BN teachers are drawn from; empty = every "
+                                                "teacher but the primary")
     selection: Literal["pre", "intra", "fixed"] = "pre"
     slots: int = _f(3, ge=0, doc="draws of extra BN teachers, each filled with slot_prob")
     slot_prob: float = _f(0.5, ge=0, le=1)
@@ -153,7 +158,7 @@ class EvaluateConfig:
     students: list[str] = _f(factory=lambda: ["convnet"], nonempty=True)
     seeds: list[int] = _f(factory=lambda: [0, 1, 2], nonempty=True)
     epochs: int = _f(300, ge=1)
-    batch_size: int = _f(100, ge=1)
+    batch_size: int = _f(50, ge=1)
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = _f(1e-3, gt=0)
     weight_decay: float = _f(0.01, ge=0)
@@ -228,9 +233,12 @@ class Config:
         return self.relabel.epochs or self.evaluate.epochs
 
     def to_dict(self, redact: bool = True) -> dict:
-        """Plain dict of the resolved config; storage options are redacted so no secret is ever recorded."""
+        """Plain dict of the resolved config (baseline recovers with their presets applied); storage options
+        are redacted so no secret is ever recorded. Loading it again gives the same config."""
         out = dataclasses.asdict(self)
-        out.pop("_baseline_recovers", None)
+        resolved = out.pop("_baseline_recovers", None) or {}
+        out["baselines"]["recover"] = {name: {k: v for k, v in rc.items() if k != "name"}
+                                       for name, rc in resolved.items()}
         if redact:
             out["storage"]["options"] = {k: "***" for k in out["storage"]["options"]}
         return out
@@ -268,10 +276,8 @@ def validate(cfg: Config) -> None:
         if spec.arch not in ARCHITECTURES:
             raise ConfigError(f"teachers.models[{i}].arch",
                               f"unknown architecture {spec.arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
-        w = spec.weights
-        if w.startswith("torchvision:") and not w.split(":", 1)[1]:
-            raise ConfigError(f"teachers.models[{i}].weights", "torchvision: needs a weights name, e.g. "
-                              "torchvision:IMAGENET1K_V1")
+        if spec.weights.startswith("torchvision:"):
+            _torchvision_weights(spec, d, f"teachers.models[{i}].weights")
 
     def known(path: str, name: str) -> None:
         if name not in names:
@@ -289,7 +295,9 @@ def validate(cfg: Config) -> None:
         if rc.schedule == "cyclic" and rc.iterations - rc.cyclic_step * (rc.cyclic_period - 1) < 1:
             raise ConfigError(f"{base}.iterations", f"cyclic schedule needs iterations > cyclic_step * "
                                                     f"(cyclic_period - 1) = {rc.cyclic_step * (rc.cyclic_period - 1)}")
+    _set_name(cfg.recover.name, "recover.name")
     for name in cfg.baselines.recover:
+        _set_name(name, f"baselines.recover.{name}")
         if name in (cfg.recover.name, RANDOM_REAL):
             raise ConfigError(f"baselines.recover.{name}", f"name {name!r} is taken; choose another set name")
     if cfg.recover.name == RANDOM_REAL:
@@ -312,6 +320,47 @@ def validate(cfg: Config) -> None:
         known("evaluate.diversity_network", cfg.evaluate.diversity_network)
     if cfg.ray.gpus_per_worker > 1 and cfg.ray.gpus_per_worker != int(cfg.ray.gpus_per_worker):
         raise ConfigError("ray.gpus_per_worker", "fractions are allowed only below 1 (e.g. 0.5), else whole GPUs")
+    known_classes = cfg.data.classes or (10 if d.dataset == "fashion_mnist" else None)
+    if known_classes is not None:
+        check_data_facts(cfg, known_classes)
+
+
+def check_data_facts(cfg: Config, num_classes: int, class_counts: Optional[list[int]] = None) -> None:
+    """Rules that need the data: the class count (known from the config for some data sets, else from the data
+    index) and the training images per class."""
+    if cfg.relabel.topk > num_classes:
+        raise ConfigError("relabel.topk", f"got {cfg.relabel.topk} but the data has {num_classes} classes; allowed: "
+                                          f"0 (all logits) to {num_classes}")
+    if not class_counts:
+        return
+    smallest = min(range(len(class_counts)), key=lambda c: class_counts[c])
+    needs_real = [n for n, rc in cfg.recover_methods().items() if rc.init == "real"]
+    if cfg.recover.ipc > class_counts[smallest] and (needs_real or cfg.baselines.random_real):
+        why = f"{needs_real[0]} starts from real images" if needs_real else "the random_real baseline samples them"
+        raise ConfigError("recover.ipc", f"got {cfg.recover.ipc} but class {smallest} has only "
+                                         f"{class_counts[smallest]} training images ({why}); lower recover.ipc, or "
+                                         f"raise data.max_per_class")
+
+
+def _set_name(name: str, path: str) -> None:
+    if not SET_NAME.fullmatch(name) or "--" in name:
+        raise ConfigError(path, f"got {name!r}; a set name is 1-64 letters, digits, '_', '.' or '-', starting with "
+                                f"a letter or digit, without '--' (it becomes a storage path)")
+
+
+def _torchvision_weights(spec: TeacherSpec, data: DataConfig, path: str) -> None:
+    """torchvision weights must exist for the architecture and fit the data (3 channels, ImageNet-sized inputs)."""
+    from prism_ray.algo.teachers import SMALL_INPUT_MAX, TeacherError, torchvision_weights
+
+    name = spec.weights.split(":", 1)[1]
+    try:
+        torchvision_weights(spec.arch, name)
+    except TeacherError as e:
+        raise ConfigError(path, str(e)) from None
+    if data.channels != 3 or data.resolution <= SMALL_INPUT_MAX:
+        raise ConfigError(path, f"torchvision weights are for 3-channel images above {SMALL_INPUT_MAX} px; the data "
+                                f"is {data.channels} channel(s) at {data.resolution} px (data.channels, "
+                                f"data.resolution): train this teacher with weights: squeeze instead")
 
 
 def _betas(value: list[float], path: str) -> None:

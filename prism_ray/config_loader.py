@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -47,14 +48,25 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | tu
         if not p.is_file():
             raise ConfigError("config", f"file not found: {p}")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise ConfigError("config", f"{p} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") \
+                from None
         except yaml.YAMLError as e:
-            raise ConfigError("config", f"{p} is not valid YAML: {e}") from None
+            raise ConfigError("config", f"{p} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(raw, dict):
             raise ConfigError("config", f"{p} must hold a mapping of sections, got {type(raw).__name__}")
     for item in overrides:
         apply_override(raw, item)
     return config_from_dict(raw)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """One line out of PyYAML's multi-line message: what is wrong, and where."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or getattr(e, "context", None) or str(e).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{problem}"
 
 
 def apply_override(raw: dict, item: str) -> None:
@@ -87,11 +99,14 @@ def config_from_dict(raw: dict) -> Config:
     if "evaluate" in raw:
         raw["evaluate"] = _resolve_preset(raw["evaluate"], "evaluate", "evaluate", key="recipe")
     cfg = _build(Config, raw, "")
+    if cfg.recover.bn_pool is None:  # not given: every other teacher may align BN statistics
+        cfg.recover.bn_pool = [t.name for t in cfg.teachers.models if t.name != cfg.recover.primary]
     main = dataclasses.asdict(cfg.recover)
     for name, overrides in cfg.baselines.recover.items():
         path = f"baselines.recover.{name}"
         if not isinstance(overrides, dict):
-            raise ConfigError(path, f"must be a mapping of recover keys, got {type(overrides).__name__}")
+            raise ConfigError(path, f"must be a mapping of recover keys (e.g. {{preset: sre2l}}), got {overrides!r}; "
+                                    f"to drop a baseline, leave it out of baselines.recover")
         # main recover < preset < the baseline's own keys; shared keys always from the main recover
         own = _resolve_preset({**overrides, "name": name}, "recover", path)
         merged = {**{k: v for k, v in main.items() if k != "preset"}, **own}
@@ -124,7 +139,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in args) + " or empty"
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
+    if origin is dict or tp is dict:
         return "a mapping"
     if dataclasses.is_dataclass(tp):
         return "a mapping"
@@ -170,6 +185,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(path, f"must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(path, f"must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):

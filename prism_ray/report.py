@@ -186,9 +186,15 @@ def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> 
     return buf.getvalue()
 
 
+# Columns of a student's manifest row that measure the machine, not the result: left out of results.parquet,
+# so that a run repeated with the same seed gives the same results table byte for byte.
+TIMING_COLUMNS = ("train_seconds", "storage_retries")
+
+
 def write_report(storage: Storage) -> dict:
     figures = collect(storage)
-    storage.write_table(f"{REPORT}/results.parquet", pa.Table.from_pylist(figures["results"]))
+    results = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in figures["results"]]
+    storage.write_table(f"{REPORT}/results.parquet", pa.Table.from_pylist(results))
     storage.write_bytes(f"{REPORT}/report.md", markdown(figures).encode())
     storage.write_json(f"{REPORT}/report.json", {k: v for k, v in figures.items() if k not in ("config",)})
     sets = list(dict.fromkeys(a["set"] for a in figures["accuracy"]))

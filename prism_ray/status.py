@@ -40,9 +40,11 @@ def run_status(storage: Storage) -> dict:
             "stage": prefix, "unit": plan.get("unit_noun", "shard"), "planned": len(planned),
             "committed": len(committed), "missing": len(missing), "failed": len(failures),
             "images_planned": sum(per_unit.values()), "images_committed": sum(per_unit.get(u, 0) for u in committed),
+            "failed_storage": sum(1 for v in failures.values() if v.get("kind") == "storage"),
             "complete": not missing, "combined_manifest": storage.exists(f"{prefix}/manifest.parquet"),
             "missing_units": missing[:50],
-            "failures": {k: {"error": v.get("error"), "attempts": v.get("attempts")} for k, v in failures.items()},
+            "failures": {k: {"error": v.get("error"), "attempts": v.get("attempts"), "kind": v.get("kind", "compute")}
+                         for k, v in failures.items()},
         })
     return {"run": storage.uri(), "name": record.get("config", {}).get("run", {}).get("name"), "stages": stages}
 
@@ -54,15 +56,17 @@ def print_status(storage: Storage, as_json: bool = False, stream=None) -> int:
         print(json.dumps(st, indent=2), file=stream)
         return 0
     print(f"run {st['name']} at {st['run']}", file=stream)
-    header = f"{'stage':<28}{'unit':>9}{'planned':>9}{'committed':>11}{'missing':>9}{'failed':>8}{'images':>16}"
+    header = (f"{'stage':<28}{'unit':>9}{'planned':>9}{'committed':>11}{'missing':>9}{'failed':>8}{'(storage)':>10}"
+              f"{'images':>16}")
     print(header, file=stream)
     for s in st["stages"]:
         images = f"{s['images_committed']}/{s['images_planned']}" if s["images_planned"] else "-"
         print(f"{s['stage']:<28}{s['unit']:>9}{s['planned']:>9}{s['committed']:>11}{s['missing']:>9}"
-              f"{s['failed']:>8}{images:>16}", file=stream)
+              f"{s['failed']:>8}{s['failed_storage']:>10}{images:>16}", file=stream)
     for s in st["stages"]:
         for uid, f in sorted(s["failures"].items()):
-            print(f"failed {s['stage']} {uid} after {f['attempts']} attempt(s): {f['error']}", file=stream)
+            print(f"failed ({f['kind']}) {s['stage']} {uid} after {f['attempts']} attempt(s): {f['error']}",
+                  file=stream)
     if not st["stages"]:
         print("no stage has started yet", file=stream)
     return 0

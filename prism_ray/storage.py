@@ -18,7 +18,7 @@ import posixpath
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import fsspec
 import pyarrow as pa
@@ -33,6 +33,19 @@ COMBINED = "manifest.parquet"
 
 class StorageError(RuntimeError):
     """A storage problem stated for a user: what failed, where, and what to check."""
+
+
+class TransientStorageError(StorageError):
+    """A storage failure that may pass if retried: throttling, a timeout, an unreachable endpoint, a 5xx."""
+
+
+class CommitError(StorageError):
+    """A unit's outputs were computed but could not be written, even after retries with backoff."""
+
+
+# S3 error codes that mean "try again later", as AWS documents them (and moto answers them).
+TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+                   "InternalError", "ServiceUnavailable", "503", "500", "502", "504"}
 
 
 def _is_local(protocol: str | tuple) -> bool:
@@ -101,9 +114,11 @@ def translate_errors(what: str, uri: str) -> Iterator[None]:
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or "AccessDenied" in text:
             raise StorageError(f"{what} {uri}: access denied; check the credentials (AWS_ACCESS_KEY_ID, "
                                f"AWS_SECRET_ACCESS_KEY or storage.options) and the bucket policy") from None
+        if code in TRANSIENT_CODES or any(c in text for c in ("SlowDown", "ServiceUnavailable", "InternalError")):
+            raise TransientStorageError(f"{what} {uri}: the storage service asks to retry ({code or text})") from None
         if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionError", "ClientConnectorError",
                     "ConnectionRefusedError", "ReadTimeoutError") or "Could not connect" in text:
-            raise StorageError(f"{what} {uri}: storage endpoint unreachable ({text}); check storage.endpoint_url "
+            raise TransientStorageError(f"{what} {uri}: storage endpoint unreachable ({text}); check storage.endpoint_url "
                                f"or AWS_ENDPOINT_URL and that the service is running") from None
         if name == "NoCredentialsError" or "Unable to locate credentials" in text:
             raise StorageError(f"{what} {uri}: no credentials found; set AWS_ACCESS_KEY_ID and "
@@ -250,14 +265,61 @@ class CommitResult:
     shard_id: str
     committed: bool  # False: another attempt had committed this shard first; its manifest stands
     table: pa.Table
+    storage_retries: int = 0  # storage requests of this commit that failed transiently and were retried
+
+
+def is_transient(e: BaseException) -> bool:
+    """Worth retrying: a TransientStorageError, or an OS-level I/O error that is not about the key or the rights."""
+    if isinstance(e, TransientStorageError):
+        return True
+    if isinstance(e, StorageError):
+        return False
+    return isinstance(e, (OSError, TimeoutError)) and not isinstance(
+        e, (FileNotFoundError, FileExistsError, PermissionError, IsADirectoryError, NotADirectoryError))
+
+
+@dataclass
+class Backoff:
+    """Retries of one storage request: `tries` in all, sleeping first_delay * 2^i (capped) between them."""
+
+    tries: int = 6
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delays(self) -> Iterator[float]:
+        for i in range(self.tries - 1):
+            yield min(self.first_delay * 2 ** i, self.max_delay)
 
 
 class ShardStore:
-    """The commit protocol for one stage of a run, e.g. prefix ``recover/prism``."""
+    """The commit protocol for one stage of a run, e.g. prefix ``recover/prism``.
 
-    def __init__(self, storage: Storage, prefix: str):
+    Every write of a commit is retried with exponential backoff when storage fails transiently (throttling, a
+    network blip), so the computed outputs are not thrown away; each manifest row records how many storage
+    requests of its commit had to be retried (`storage_retries`). Only when the retries are spent does the
+    commit raise `CommitError`, and the unit counts as a failed attempt.
+    """
+
+    def __init__(self, storage: Storage, prefix: str, backoff: Backoff | None = None):
         self.storage = storage
         self.prefix = prefix.strip("/")
+        self.backoff = backoff or Backoff()
+
+    def _retrying(self, what: str, fn: Callable[[], Any], retries: list[int]) -> Any:
+        """fn() with backoff on transient failures; retries[0] counts the failed tries (shared per commit)."""
+        delays = self.backoff.delays()
+        while True:
+            try:
+                return fn()
+            except Exception as e:  # noqa: BLE001 - classified: transient ones are retried, others raised
+                if not is_transient(e):
+                    raise
+                delay = next(delays, None)
+                if delay is None:
+                    raise CommitError(f"{what}: storage kept failing after {self.backoff.tries} tries ({e}); the "
+                                      f"computed outputs are lost for this attempt") from None
+                retries[0] += 1
+                time.sleep(delay)
 
     def key(self, rel: str) -> str:
         return f"{self.prefix}/{rel}"
@@ -273,16 +335,27 @@ class ShardStore:
         """Write `outputs` (paths relative to the stage prefix), then the manifest: one row per output."""
         if len(outputs) != len(rows):
             raise ValueError(f"shard {shard_id}: {len(outputs)} outputs but {len(rows)} manifest rows")
-        if self.is_committed(shard_id):  # a late duplicate attempt: leave the committed outputs alone
-            return CommitResult(shard_id, False, self.read(shard_id))
+        retries = [0]
+        what = f"commit of {self.prefix} {shard_id}"
+        if self._retrying(what, lambda: self.is_committed(shard_id), retries):  # a late duplicate: leave it alone
+            return CommitResult(shard_id, False, self._retrying(what, lambda: self.read(shard_id), retries),
+                                retries[0])
         records = []
         for (rel, data), row in zip(outputs, rows):
-            self.storage.write_bytes(self.key(rel), data)
+            self._retrying(what, lambda: self.storage.write_bytes(self.key(rel), data), retries)
             records.append({**row, "shard_id": shard_id, "path": rel, "bytes": len(data), "sha256": sha256(data)})
-        table = pa.Table.from_pylist(records, schema=schema)
-        if self.storage.create_exclusive(self.manifest_key(shard_id), table_bytes(table)):
-            return CommitResult(shard_id, True, table)
-        return CommitResult(shard_id, False, self.read(shard_id))
+        if schema is not None and "storage_retries" not in schema.names:
+            schema = schema.append(pa.field("storage_retries", pa.int32()))
+
+        def write_manifest() -> tuple[bool, pa.Table]:
+            # built at each try, so the manifest counts the retries of its own write too
+            table = pa.Table.from_pylist([{**r, "storage_retries": retries[0]} for r in records], schema=schema)
+            return self.storage.create_exclusive(self.manifest_key(shard_id), table_bytes(table)), table
+
+        created, table = self._retrying(what, write_manifest, retries)
+        if created:
+            return CommitResult(shard_id, True, table, retries[0])
+        return CommitResult(shard_id, False, self._retrying(what, lambda: self.read(shard_id), retries), retries[0])
 
     def committed(self) -> set[str]:
         keys = self.storage.list(self.key(MANIFESTS), suffix=".parquet")
@@ -317,9 +390,10 @@ class ShardStore:
     def failure_key(self, shard_id: str) -> str:
         return self.key(f"{FAILED}/{shard_id}.json")
 
-    def record_failure(self, shard_id: str, error: str, attempts: int) -> None:
-        self.storage.write_json(self.failure_key(shard_id),
-                                {"shard_id": shard_id, "error": error, "attempts": attempts, "time": time.time()})
+    def record_failure(self, shard_id: str, error: str, attempts: int, kind: str = "compute") -> None:
+        """kind: 'compute' (the unit's code failed) or 'storage' (its outputs could not be written)."""
+        self.storage.write_json(self.failure_key(shard_id), {"shard_id": shard_id, "error": error, "kind": kind,
+                                                             "attempts": attempts, "time": time.time()})
 
     def failed_ids(self) -> set[str]:
         """Units with a failure record (some may have committed since: see `failures`)."""

@@ -40,6 +40,25 @@ BAD_OVERRIDES = [
     (["recover=3"], "--set", "section.key=value"),
     (["baselines.recover={random_real: {}}"], "baselines.recover.random_real", "is taken"),
     (["baselines.recover={sre2l: {lr: high}}"], "baselines.recover.sre2l.lr", "must be a number"),
+    (["baselines.recover.sre2l=null"], "baselines.recover.sre2l", "must be a mapping, got nothing"),
+    (["ray.gpus_per_worker=.inf"], "ray.gpus_per_worker", "must be a finite number"),
+    (["recover.r_bn=.nan"], "recover.r_bn", "must be a finite number"),
+    (["recover.name=a/../b"], "recover.name", "becomes a storage path"),
+    (["recover.name=''"], "recover.name", "becomes a storage path"),
+    (["recover.name=a--b"], "recover.name", "without '--'"),
+    (["baselines.recover={../x: {preset: sre2l}}"], "baselines.recover.../x", "becomes a storage path"),
+    (["relabel.topk=11"], "relabel.topk", "0 (all logits) to 10"),
+    (["data.classes=5", "relabel.topk=6"], "relabel.topk", "has 5 classes"),
+    (["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:IMAGENET1K_V9'}]", "recover.primary=r"],
+     "teachers.models[0].weights", "allowed: IMAGENET1K_V1"),
+    (["teachers.models=[{name: r, arch: convnet, weights: 'torchvision:IMAGENET1K_V1'}]", "recover.primary=r"],
+     "teachers.models[0].weights", "no published weights for 'convnet'"),
+    (["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:IMAGENET1K_V1'}]", "recover.primary=r"],
+     "teachers.models[0].weights", "1 channel(s) at 28 px"),
+    (["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:IMAGENET1K_V1'}]", "recover.primary=r",
+      "data.channels=3", "data.resolution=64"], "teachers.models[0].weights", "3 channel(s) at 64 px"),
+    (["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:'}]", "recover.primary=r"],
+     "teachers.models[0].weights", "needs a weights name"),
 ]
 
 
@@ -61,8 +80,48 @@ def test_missing_config_file(tmp_path):
 def test_invalid_yaml(tmp_path):
     p = tmp_path / "bad.yaml"
     p.write_text("run: {name: [unclosed\n")
-    with pytest.raises(ConfigError, match="not valid YAML"):
+    with pytest.raises(ConfigError, match="not valid YAML") as info:
         load_config(p)
+    assert "\n" not in str(info.value) and "line 2, column 1" in str(info.value)
+
+
+def test_config_that_is_not_utf8(tmp_path):
+    p = tmp_path / "latin1.yaml"
+    p.write_bytes("run: {name: caf\xe9}\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match="is not UTF-8 text") as info:
+        load_config(p)
+    assert info.value.field == "config"
+
+
+def test_torchvision_weights_that_exist_and_fit_pass():
+    cfg = load_config(None, ["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:IMAGENET1K_V1'}]",
+                             "recover.primary=r", "data.channels=3", "data.resolution=224"])
+    assert cfg.teacher("r").weights == "torchvision:IMAGENET1K_V1"
+
+
+def test_defaults_are_the_prism_method():
+    """A config that sets nothing runs PRISM as its authors do: the `prism` presets' values, several BN teachers."""
+    import dataclasses
+    import yaml
+    from prism_ray.config_loader import preset_dir
+    cfg = load_config(None)
+    for section, kind in ((cfg.recover, "recover"), (cfg.evaluate, "evaluate")):
+        preset = yaml.safe_load((preset_dir() / kind / "prism.yaml").read_text())
+        values = dataclasses.asdict(section)
+        assert {k: values[k] for k in preset} == {k: (float(v) if isinstance(values[k], float) else v)
+                                                  for k, v in preset.items()}
+    assert cfg.recover.bn_pool == ["mobilenet_v2", "shufflenet_v2"]  # every teacher but the primary
+    assert load_config(None, ["recover.bn_pool=[]"]).recover.bn_pool == []  # single teacher when asked
+
+
+def test_resolved_config_loads_back_to_itself(tmp_path):
+    import yaml
+    cfg = load_config(None, ["baselines.recover={sre2l: {preset: sre2l, iterations: 11}}"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(yaml.safe_dump(cfg.to_dict()))
+    again = load_config(p)
+    assert again.to_dict() == cfg.to_dict()
+    assert again.recover_methods()["sre2l"] == cfg.recover_methods()["sre2l"]
 
 
 def test_section_must_be_mapping(tmp_path):
@@ -124,6 +183,10 @@ def test_cli_exits_2_with_one_line(argv, needle, capsys):
 
 
 def test_validate_prints_resolved_config(capsys):
-    assert main(["validate", "--set", "recover.preset=prism"]) == 0
-    out = capsys.readouterr().out
-    assert "iterations: 4000" in out
+    import yaml
+    assert main(["validate", "--set", "recover.preset=prism", "--set",
+                 "baselines.recover={sre2l: {preset: sre2l}}"]) == 0
+    out = yaml.safe_load(capsys.readouterr().out)
+    assert out["recover"]["iterations"] == 4000
+    sre2l = out["baselines"]["recover"]["sre2l"]  # the baseline with its preset applied, not just {preset: sre2l}
+    assert (sre2l["init"], sre2l["lr"], sre2l["iterations"], sre2l["selection"]) == ("noise", 0.25, 1000, "fixed")

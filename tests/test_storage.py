@@ -148,3 +148,56 @@ def test_credentials_never_written(s3_endpoint, s3_bucket, monkeypatch):
     for obj in s3.list_objects_v2(Bucket=s3_bucket)["Contents"]:
         body = s3.get_object(Bucket=s3_bucket, Key=obj["Key"])["Body"].read()
         assert secret.encode() not in body
+
+
+# ------------------------------------------------------------------------------ retries of a failing commit
+
+
+class Flaky:
+    """Makes the storage's first `n` writes of keys containing `needle` fail as a throttled S3 would (the error
+    storage.translate_errors raises for S3's SlowDown)."""
+
+    def __init__(self, storage: Storage, monkeypatch, needle: str, n: int, error=None):
+        from prism_ray.storage import TransientStorageError
+        self.left, self.failed = n, 0
+        self.error = error or TransientStorageError("injected: SlowDown, please reduce your request rate")
+        for method in ("write_bytes", "create_exclusive"):  # outputs, and the manifest
+            monkeypatch.setattr(storage, method, self._failing(getattr(storage, method), needle))
+
+    def _failing(self, real, needle: str):
+        def write(key, data):
+            if needle in key and self.left > 0:
+                self.left -= 1
+                self.failed += 1
+                raise self.error
+            return real(key, data)
+        return write
+
+
+def fast_backoff(tries: int = 4):
+    from prism_ray.storage import Backoff
+    return Backoff(tries=tries, first_delay=0.01, max_delay=0.02)
+
+
+def test_commit_retries_transient_failures_and_records_them(storage, monkeypatch):
+    flaky = Flaky(storage, monkeypatch, "images/c001", 2)
+    res = ShardStore(storage, "recover/prism", fast_backoff()).commit("s1", outputs(3), [{"c": i} for i in range(3)])
+    assert res.committed and res.storage_retries == 2 and flaky.failed == 2
+    store = ShardStore(storage, "recover/prism")
+    assert store.verify("s1") == []
+    assert [r["storage_retries"] for r in store.read("s1").to_pylist()] == [2, 2, 2]
+
+
+def test_a_commit_that_keeps_failing_raises_commit_error_and_commits_nothing(storage, monkeypatch):
+    from prism_ray.storage import CommitError
+    Flaky(storage, monkeypatch, "manifests/", 10)
+    with pytest.raises(CommitError, match="after 3 tries"):
+        ShardStore(storage, "stage", fast_backoff(3)).commit("s", outputs(1), [{"v": 1}])
+    assert ShardStore(storage, "stage").committed() == set()
+
+
+def test_permanent_storage_errors_are_not_retried(storage, monkeypatch):
+    flaky = Flaky(storage, monkeypatch, "images/", 5, error=StorageError("access denied; check the credentials"))
+    with pytest.raises(StorageError, match="access denied"):
+        ShardStore(storage, "stage", fast_backoff()).commit("s", outputs(2), [{"v": 1}, {"v": 2}])
+    assert flaky.failed == 1

@@ -220,15 +220,28 @@ def load_checkpoint(data: bytes, arch: str, shape: ModelShape, source: str = "ch
     return model
 
 
+def torchvision_weights(arch: str, weights_name: str):
+    """The torchvision weights enum member `weights_name` of `arch` (no download); TeacherError names the choices."""
+    if not weights_name:
+        raise TeacherError("torchvision: needs a weights name, e.g. torchvision:IMAGENET1K_V1")
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+    except (KeyError, ValueError):
+        raise TeacherError(f"torchvision has no published weights for {arch!r}; use weights: squeeze, random or a "
+                           f"checkpoint URI") from None
+    try:
+        return enum[weights_name]
+    except KeyError:
+        allowed = ", ".join(m.name for m in enum)
+        raise TeacherError(f"no torchvision weights {weights_name!r} for {arch}; allowed: {allowed}") from None
+
+
 def load_torchvision(arch: str, weights_name: str, shape: ModelShape) -> nn.Module:
     """A torchvision model with its published weights (downloaded once into TORCH_HOME)."""
     if shape.small or shape.in_channels != 3:
         raise TeacherError(f"torchvision weights for {arch} need 3-channel inputs above {SMALL_INPUT_MAX} px; "
                            f"data is {shape.in_channels} channel(s) at {shape.resolution} px")
-    try:
-        weights = torchvision.models.get_model_weights(arch)[weights_name]
-    except (KeyError, ValueError):
-        raise TeacherError(f"no torchvision weights {weights_name!r} for {arch}") from None
+    weights = torchvision_weights(arch, weights_name)
     n = len(weights.meta.get("categories", []))
     if n and n != shape.num_classes:
         raise TeacherError(f"torchvision weights {arch}:{weights_name} have {n} classes, the data has "

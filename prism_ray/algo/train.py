@@ -1,6 +1,8 @@
 """Plain supervised training and evaluation of a classifier (the squeeze stage's recipe).
 
-Works on in-memory tensors (small data sets) or any map-style dataset of (image, label) pairs.
+Works on in-memory tensors (small data sets) or any map-style dataset of (image, label) pairs. Training is a
+pure function of its seed: batch order and flips come from a seeded generator, and the global torch RNG that
+dropout draws from is reseeded every epoch inside a forked RNG (so the caller's RNG is left alone).
 """
 from __future__ import annotations
 
@@ -11,6 +13,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from prism_ray.algo.seeding import derive_seed
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
@@ -47,25 +51,30 @@ def train_classifier(model: nn.Module, data, *, epochs: float, batch_size: int, 
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.15)
     losses: list[float] = []
-    step, t0 = 0, time.perf_counter()
-    while step < total:
-        for idx in _batches(n, batch_size, g):
-            if step >= total:
-                break
-            x, y = _fetch(data, idx)
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if flip:
-                mask = torch.rand(x.shape[0], generator=g) < 0.5
-                x = torch.where(mask.to(device)[:, None, None, None], x.flip(-1), x)
-            loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
-            step += 1
-            if log_every and step % log_every == 0:
-                print(f"  step {step}/{total} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+    step, epoch, t0 = 0, 0, time.perf_counter()
+    rng_devices = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        while step < total:
+            torch.manual_seed(derive_seed(seed, "train-epoch", epoch))  # dropout's draws, per epoch
+            for idx in _batches(n, batch_size, g):
+                if step >= total:
+                    break
+                x, y = _fetch(data, idx)
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                if flip:
+                    mask = torch.rand(x.shape[0], generator=g) < 0.5
+                    x = torch.where(mask.to(device)[:, None, None, None], x.flip(-1), x)
+                loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                losses.append(loss.item())
+                step += 1
+                if log_every and step % log_every == 0:
+                    print(f"  step {step}/{total} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+            epoch += 1
     model.eval()
     tail = losses[-max(1, len(losses) // 10):]
     return {"steps": total, "final_loss": sum(tail) / len(tail), "seconds": time.perf_counter() - t0}
@@ -88,7 +97,9 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, max_images:
     for m in bns:
         m.reset_running_stats()
         m.momentum = None  # cumulative moving average: the exact mean over the batches seen
-    model.to(device).train()
+    model.to(device).eval()
+    for m in bns:  # only BN layers in training mode: dropout stays off, so the statistics draw nothing random
+        m.train()
     n = min(_length(data), max_images)
     seen = 0
     for idx in _batches(n, batch_size, torch.Generator().manual_seed(0)):

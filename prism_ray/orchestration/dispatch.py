@@ -18,7 +18,7 @@ import ray
 
 from prism_ray.config import RayConfig
 from prism_ray.orchestration.cluster import set_torch_threads
-from prism_ray.orchestration.progress import Progress, StageReport, StageRun, describe_error
+from prism_ray.orchestration.progress import Progress, StageReport, StageRun, describe_error, failure_kind
 from prism_ray.stages.base import Stage, StageError, Unit
 
 DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often is failed rather than requeued forever
@@ -100,7 +100,9 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                     summary = ray.get(ref)
                 except ray.exceptions.RayTaskError as e:  # the unit's own code raised
                     attempts[unit.id] += 1
-                    if run.raised(unit, describe_error(_unwrap(e)), attempts[unit.id], cfg.max_attempts):
+                    cause = _unwrap(e)
+                    if run.raised(unit, describe_error(cause), attempts[unit.id], cfg.max_attempts,
+                                  kind=failure_kind(cause)):
                         queue.append(unit)
                     continue
                 except ray.exceptions.RayError as e:  # the actor died under it: not the unit's fault

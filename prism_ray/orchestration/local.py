@@ -1,7 +1,7 @@
 """Run a stage's units one after another in this process: no Ray, same commit and retry rules."""
 from __future__ import annotations
 
-from prism_ray.orchestration.progress import StageReport, StageRun, describe_error
+from prism_ray.orchestration.progress import StageReport, StageRun, describe_error, failure_kind
 from prism_ray.stages.base import Stage
 
 
@@ -14,7 +14,7 @@ def run_stage_local(stage: Stage, max_attempts: int = 1, quiet: bool = False) ->
             try:
                 summary = worker.run(unit)
             except Exception as e:  # noqa: BLE001 - any failure of a unit is recorded, the rest go on
-                if run.raised(unit, describe_error(e), attempt, max_attempts):
+                if run.raised(unit, describe_error(e), attempt, max_attempts, kind=failure_kind(e)):
                     continue
                 break
             run.done(unit, summary)

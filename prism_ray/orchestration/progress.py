@@ -83,6 +83,12 @@ class Progress:
             print(f"[{self.stage}] {text}", file=self.stream, flush=True)
 
 
+def failure_kind(e: BaseException) -> str:
+    """'storage' when a unit's outputs could not be written (its compute was fine), else 'compute'."""
+    from prism_ray.storage import StorageError
+    return "storage" if isinstance(e, StorageError) else "compute"
+
+
 def describe_error(e: BaseException) -> str:
     """One line: the exception type and message, and where in our code it was raised."""
     tb = traceback.extract_tb(e.__traceback__)
@@ -121,16 +127,17 @@ class StageRun:
         if unit.id in self._stale_failures:
             self.store.storage.delete(self.store.failure_key(unit.id))
 
-    def raised(self, unit: "Unit", error: str, attempt: int, max_attempts: int) -> bool:
-        """A unit's code raised on its `attempt`-th try: True to retry, False once it is recorded failed."""
+    def raised(self, unit: "Unit", error: str, attempt: int, max_attempts: int, kind: str = "compute") -> bool:
+        """A unit's code raised on its `attempt`-th try: True to retry, False once it is recorded failed.
+        kind: 'compute' or 'storage' (see `failure_kind`), kept apart in the failure record and in status."""
         if attempt < max_attempts:
             self.progress.retry(unit.id, attempt, error)
             return True
-        self.fail(unit, error, attempt)
+        self.fail(unit, error, attempt, kind)
         return False
 
-    def fail(self, unit: "Unit", error: str, attempts: int) -> None:
-        self.store.record_failure(unit.id, error, attempts)
+    def fail(self, unit: "Unit", error: str, attempts: int, kind: str = "compute") -> None:
+        self.store.record_failure(unit.id, error, attempts, kind)
         self.report.failed[unit.id] = error
         self.progress.unit_failed(unit.id, error)
 
