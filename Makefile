@@ -1,4 +1,5 @@
-# The two commands of the README: `make demo` (the embedded default, end to end) and `make test`.
+# The two commands of the README: `make demo` (the demo config on the embedded default setting: local Ray,
+# Fashion-MNIST, a local folder, end to end) and `make test`.
 # Both create .venv on first use and install Fashion-MNIST when it is missing.
 PYTHON ?= python3
 VENV ?= .venv

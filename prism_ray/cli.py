@@ -25,7 +25,8 @@ def _expected_errors() -> tuple[type[BaseException], ...]:
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML config (default: the embedded Fashion-MNIST defaults)")
+    p.add_argument("config", nargs="?", help="YAML config (none: PRISM's reference settings on Fashion-MNIST on a local Ray; "
+                        "jobs/configs/fmnist-demo.yaml is the quick demo)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a config field (repeatable), e.g. --set recover.lr=0.1")
 

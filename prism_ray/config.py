@@ -327,7 +327,7 @@ def validate(cfg: Config) -> None:
 
 def check_data_facts(cfg: Config, num_classes: int, class_counts: Optional[list[int]] = None) -> None:
     """Rules that need the data: the class count (known from the config for some data sets, else from the data
-    index) and the training images per class."""
+    index) and, when recover runs, the training images per class (`class_counts`)."""
     if cfg.relabel.topk > num_classes:
         raise ConfigError("relabel.topk", f"got {cfg.relabel.topk} but the data has {num_classes} classes; allowed: "
                                           f"0 (all logits) to {num_classes}")

@@ -11,6 +11,7 @@ from typing import Callable
 
 from prism_ray.config import STAGES, Config
 from prism_ray.orchestration.progress import StageReport
+from prism_ray.preflight import preflight
 from prism_ray.runs import data_context, open_storage, record_run
 from prism_ray.stages.base import RunContext, Stage
 from prism_ray.storage import Storage
@@ -74,9 +75,9 @@ def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: boo
     """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, run on Ray or in-process, report."""
     context = data_context(cfg)  # missing data fails here, before anything is written
     storage = open_storage(cfg)
-    storage.check_writable()
-    record_run(cfg, storage, context)
     stages = build_stages(cfg, storage, context, stage_names)
+    preflight(cfg, storage, context, stages, fresh=fresh)  # everything checkable, before anything is written
+    record_run(cfg, storage, context)
     # Nothing left to run (a finished run, resumed): skip starting Ray, which costs seconds.
     pending = fresh or any({u.id for u in st.units()} - st.store.committed() for st in stages)
     if local or not pending:

@@ -109,6 +109,11 @@ def translate_errors(what: str, uri: str) -> Iterator[None]:
         name = type(e).__name__
         code = _error_code(e) or _error_code(getattr(e, "__cause__", None) or e)
         text = str(e)
+        if code in ("AuthorizationHeaderMalformed", "PermanentRedirect", "IllegalLocationConstraintException") or \
+                "region" in text and ("is wrong" in text or "PermanentRedirect" in text):
+            expected = text.split("expecting", 1)[1].strip(" '\".)") if "expecting" in text else "the bucket's region"
+            raise StorageError(f"{what} {uri}: the bucket is in another region; set storage.region to {expected} "
+                               f"({code or 'wrong region'})") from None
         if code == "NoSuchBucket" or "NoSuchBucket" in text or "bucket does not exist" in text.lower():
             raise StorageError(f"{what} {uri}: the bucket does not exist; create it or fix run.output") from None
         if code in ("AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403") or "AccessDenied" in text:

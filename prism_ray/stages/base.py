@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism_ray.config import Config
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import COMBINED, ShardStore, Storage
 
 
 @dataclass(frozen=True)
@@ -107,6 +107,20 @@ class Stage(ABC):
     def images_per_unit(self, unit: Unit) -> int:
         return 0
 
+    # ---- what the stage reads and writes, for the driver's checks before anything runs
+
+    def teachers_read(self) -> list[str]:
+        """Names of the teachers whose weights this stage's workers load."""
+        return []
+
+    def inputs(self) -> dict[str, str]:
+        """Run keys this stage reads that an earlier stage writes -> what to do when one is missing."""
+        return {}
+
+    def outputs(self) -> list[str]:
+        """Run keys a later stage may read, written once this stage is complete."""
+        return [f"{self.prefix}/{COMBINED}"]
+
     def finalize(self) -> None:
         """Called once every unit is committed: write the stage's combined manifest."""
         self.store.write_combined()
@@ -117,18 +131,24 @@ class Stage(ABC):
     def config_key(self) -> str:
         return f"{self.prefix}/config.json"
 
+    def _fingerprint_json(self) -> dict:
+        return json.loads(json.dumps(self.fingerprint(), default=str))
+
+    def refuse_changed_config(self) -> None:
+        """Raise ConfigMismatch when committed outputs were made with another config; reads only."""
+        if not self.storage.exists(self.config_key):
+            return
+        recorded, current = self.storage.read_json(self.config_key), self._fingerprint_json()
+        if recorded != current and self.store.committed():  # nothing committed: the old record binds nothing
+            raise ConfigMismatch(self.name, diff_fields(recorded, current), self.storage.uri(self.prefix))
+
     def check_config(self, fresh: bool = False) -> None:
         """Record this stage's config, or refuse when committed outputs were made with another one."""
-        current = json.loads(json.dumps(self.fingerprint(), default=str))
         if fresh:
             self.storage.delete(self.prefix)
-        elif self.storage.exists(self.config_key):
-            recorded = self.storage.read_json(self.config_key)
-            if recorded != current:
-                if self.store.committed():
-                    raise ConfigMismatch(self.name, diff_fields(recorded, current), self.storage.uri(self.prefix))
-                # Nothing committed yet: the old record binds nothing.
-        self.storage.write_json(self.config_key, current)
+        else:
+            self.refuse_changed_config()
+        self.storage.write_json(self.config_key, self._fingerprint_json())
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

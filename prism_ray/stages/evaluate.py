@@ -21,9 +21,9 @@ from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config import Config
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
-from prism_ray.stages.image_sets import ImageSetCache, sets_fingerprint
-from prism_ray.stages.relabel import LabelSource, relabel_fingerprint
-from prism_ray.storage import Storage, table_bytes
+from prism_ray.stages.image_sets import ImageSetCache, set_inputs, sets_fingerprint
+from prism_ray.stages.relabel import RELABEL_PREFIX, LabelSource, relabel_fingerprint
+from prism_ray.storage import COMBINED, Storage, table_bytes
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
 
 STUDENTS_PREFIX = "evaluate/students"
@@ -51,6 +51,12 @@ class DiversityStage(Stage):
 
     def units(self) -> list[Unit]:
         return [Unit(s, {"set": s}) for s in [*self.cfg.sets(), REAL]]
+
+    def teachers_read(self) -> list[str]:
+        return [diversity_network(self.cfg)]
+
+    def inputs(self) -> dict[str, str]:
+        return set_inputs(self.cfg)
 
     def fingerprint(self) -> dict:
         net = diversity_network(self.cfg)
@@ -114,6 +120,16 @@ class StudentStage(Stage):
         e = self.cfg.evaluate
         return [Unit(f"{s}--{arch}--seed{seed}", {"set": s, "student": arch, "seed": seed})
                 for s in self.cfg.sets() for arch in e.students for seed in e.seeds]
+
+    def teachers_read(self) -> list[str]:
+        return self.cfg.relabel_teachers() if self.cfg.relabel.mode == "live" else []
+
+    def inputs(self) -> dict[str, str]:
+        needs = set_inputs(self.cfg)
+        if self.cfg.relabel.mode == "stored":
+            needs[f"{RELABEL_PREFIX}/{COMBINED}"] = ("the stored soft labels are not complete; run the relabel stage "
+                                                     "first (prism-ray relabel CONFIG)")
+        return needs
 
     def fingerprint(self) -> dict:
         d = dataclasses.asdict(self.cfg.data)

@@ -62,6 +62,12 @@ class ImageSetCache:
         return self._sets[set_name]
 
 
+def set_inputs(cfg: Config) -> dict[str, str]:
+    """The combined manifests of every set a relabel or evaluate stage reads, with what to do if one is missing."""
+    return {f"{recover_prefix(s)}/{COMBINED}": f"image set {s!r} is not complete; run the recover stage first "
+                                               f"(prism-ray recover CONFIG)" for s in cfg.sets()}
+
+
 def sets_fingerprint(cfg: Config) -> dict:
     """What determines the image sets that relabel and evaluate read."""
     used = {n for rc in cfg.recover_methods().values() for n in (rc.primary, *rc.bn_pool, *rc.fixed)}

@@ -17,7 +17,7 @@ from prism_ray.algo.seeding import derive_seed, generator
 from prism_ray.algo.synthesize import ShardSpec, synthesize_shard
 from prism_ray.config import RANDOM_REAL, Config, RecoverConfig
 from prism_ray.data import build_dataset
-from prism_ray.stages.base import RunContext, Stage, StageError, Unit, Worker
+from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.squeeze import data_fingerprint
 from prism_ray.storage import Storage
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
@@ -66,12 +66,8 @@ class RecoverStage(Stage):
     kind = "recover"
 
     def __init__(self, cfg: Config, storage: Storage, context: RunContext, set_name: str, rc: RecoverConfig):
-        super().__init__(cfg, storage, context)
+        super().__init__(cfg, storage, context)  # config.check_data_facts has checked ipc against the classes
         self.set_name, self.rc = set_name, rc
-        if rc.init == "real" and rc.ipc > min(context.train_counts):
-            c = min(range(context.num_classes), key=lambda i: context.train_counts[i])
-            raise StageError(f"recover.ipc={rc.ipc} but class {c} ({context.class_names[c]}) has only "
-                             f"{context.train_counts[c]} training images to start from (data.max_per_class?)")
 
     @property
     def prefix(self) -> str:
@@ -82,6 +78,9 @@ class RecoverStage(Stage):
 
     def images_per_unit(self, unit: Unit) -> int:
         return len(unit.payload["class_ids"])
+
+    def teachers_read(self) -> list[str]:
+        return _teacher_names(self.rc)
 
     def fingerprint(self) -> dict:
         used = [dataclasses.asdict(self.cfg.teacher(n)) for n in _teacher_names(self.rc)]
@@ -128,12 +127,6 @@ class RandomRealStage(Stage):
     """The baseline the literature says comes close: IPC real training images per class, seeded."""
 
     kind = "recover"
-
-    def __init__(self, cfg: Config, storage: Storage, context: RunContext):
-        super().__init__(cfg, storage, context)
-        if cfg.recover.ipc > min(context.train_counts):
-            raise StageError(f"recover.ipc={cfg.recover.ipc} is more than the smallest class's "
-                             f"{min(context.train_counts)} training images (random_real baseline)")
 
     set_name = RANDOM_REAL
 

@@ -23,7 +23,7 @@ from prism_ray.config import Config
 from prism_ray.data import build_dataset
 from prism_ray.formatting import human_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
-from prism_ray.stages.image_sets import ImageSetCache, sets_fingerprint
+from prism_ray.stages.image_sets import ImageSetCache, set_inputs, sets_fingerprint
 from prism_ray.storage import Storage, table_bytes
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
 
@@ -182,6 +182,12 @@ class RelabelStage(Stage):
 
     def units(self) -> list[Unit]:
         return [u for s in self.cfg.sets() for u in label_shards(self.cfg, s)]
+
+    def teachers_read(self) -> list[str]:
+        return self.cfg.relabel_teachers()
+
+    def inputs(self) -> dict[str, str]:
+        return set_inputs(self.cfg)
 
     def fingerprint(self) -> dict:
         return relabel_fingerprint(self.cfg)

@@ -15,7 +15,7 @@ from prism_ray.algo.teachers import build_model, checkpoint_bytes
 from prism_ray.algo.train import evaluate_classifier, recalibrate_bn, train_classifier
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import Stage, Unit, Worker
-from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, model_shape
+from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, checkpoint_key, model_shape
 
 IN_MEMORY_LIMIT = 200_000  # images: below this, hold the training set as one tensor (small data sets)
 
@@ -38,6 +38,9 @@ class SqueezeStage(Stage):
 
     def units(self) -> list[Unit]:
         return [Unit(spec.name, {"arch": spec.arch}) for spec in self.cfg.teachers.models if spec.weights == "squeeze"]
+
+    def outputs(self) -> list[str]:
+        return [*super().outputs(), *(checkpoint_key(u.id) for u in self.units())]
 
     def fingerprint(self) -> dict:
         trained = [dataclasses.asdict(s) for s in self.cfg.teachers.models if s.weights == "squeeze"]
