@@ -11,7 +11,7 @@ from typing import Callable
 
 from prism_ray.config import STAGES, Config
 from prism_ray.orchestration.progress import StageReport
-from prism_ray.runs import data_context, open_storage, record_run
+from prism_ray.runs import data_context, open_storage, record_data, record_run, resolve_data
 from prism_ray.stages.base import RunContext, Stage
 from prism_ray.storage import Storage
 
@@ -72,9 +72,12 @@ def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
 def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: bool = False,
             quiet: bool = False) -> list[StageReport]:
     """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, run on Ray or in-process, report."""
-    context = data_context(cfg)  # missing data fails here, before anything is written
     storage = open_storage(cfg)
+    # The data is listed (once per run; never with data.index or a resumed run's index) and checked here,
+    # so that missing or bad data fails before anything is written.
+    data = resolve_data(cfg, storage)
     storage.check_writable()
+    context = record_data(cfg, storage, data)
     record_run(cfg, storage, context)
     stages = build_stages(cfg, storage, context, stage_names)
     # Nothing left to run (a finished run, resumed): skip starting Ray, which costs seconds.
