@@ -1,6 +1,8 @@
 """Data sets behind one class-indexed view; `build_dataset` picks the source the config names."""
 from __future__ import annotations
 
+import pyarrow as pa
+
 from prism_ray.config import DataConfig, StorageConfig
 from prism_ray.data.base import ClassIndexedDataset, DataError, Normalization, dataset_normalization
 from prism_ray.data.index import DataIndex, index_name, list_split, open_dataset, read_index, source_mismatch, \
@@ -30,7 +32,7 @@ def build_dataset(cfg: DataConfig, split: str, storage: StorageConfig | None = N
         index = list_split(cfg, split, storage, class_names)
     elif isinstance(index, str):
         folder = index
-        index = read_index(folder, split, storage)
+        index = read_index(folder, split, storage, skip=("bytes",))
         if index is None:
             raise DataError(f"no data index {folder.rstrip('/')}/{index_name(split)}; rerun the pipeline (the driver "
                             f"writes it) or build it with `prism-ray index CONFIG --out {folder}`")
@@ -38,4 +40,7 @@ def build_dataset(cfg: DataConfig, split: str, storage: StorageConfig | None = N
         if problem:
             raise DataError(f"the data index in {folder} was listed from other data ({problem}); rebuild it with "
                             f"`prism-ray index CONFIG --out {folder}`")
-    return open_dataset(index, cfg, storage, capped)
+    dataset = open_dataset(index, cfg, storage, capped)
+    # Reading the index leaves decoding buffers in Arrow's pool; hand them back, as workers live long.
+    pa.default_memory_pool().release_unused()
+    return dataset

@@ -129,7 +129,7 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
         self.class_names = list(class_names[:num_classes])
         # Positions (in the source) of each class's images, in source order, optionally capped: one stable
         # sort instead of a pass over all labels per class (1.28 M labels x 1000 classes).
-        order = np.argsort(labels, kind="stable")
+        order = np.argsort(labels, kind="stable").astype(np.int32 if len(labels) < 2**31 else np.int64)
         bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
         by_class = [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
         if max_per_class is not None:

@@ -125,13 +125,15 @@ class DataIndex:
         return table_bytes(self.table.replace_schema_metadata({INDEX_META: json.dumps(meta).encode()}))
 
     @classmethod
-    def from_bytes(cls, data: bytes, name: str) -> DataIndex:
+    def from_bytes(cls, data: bytes, name: str, skip: tuple[str, ...] = ()) -> DataIndex:
+        """An index from its Parquet bytes, without the columns in `skip` (a reader needs no sizes)."""
         try:
-            table = pq.read_table(io.BytesIO(data))
+            pf = pq.ParquetFile(io.BytesIO(data))
+            table = pf.read(columns=[c for c in pf.schema_arrow.names if c not in skip])
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{name}: not a readable data index ({e}); rebuild it with `prism-ray index CONFIG`") \
                 from None
-        raw = (table.schema.metadata or {}).get(INDEX_META)
+        raw = (pf.schema_arrow.metadata or {}).get(INDEX_META)
         if raw is None:
             raise DataError(f"{name}: not a prism-ray data index; build one with `prism-ray index CONFIG --out FOLDER`")
         meta = json.loads(raw)
@@ -145,8 +147,9 @@ class DataIndex:
 # ------------------------------------------------------------------------------------ stored indexes
 
 
-def read_index(folder: str, split: str, storage: StorageConfig | None = None) -> DataIndex | None:
-    """The index of `split` in `folder` (one GET), or None when there is none."""
+def read_index(folder: str, split: str, storage: StorageConfig | None = None,
+               skip: tuple[str, ...] = ()) -> DataIndex | None:
+    """The index of `split` in `folder` (one GET), or None when there is none; `skip`: columns not to load."""
     fs, base = filesystem(folder, storage)
     uri = f"{folder.rstrip('/')}/{index_name(split)}"
     with translate_errors("cannot read", uri):
@@ -154,7 +157,7 @@ def read_index(folder: str, split: str, storage: StorageConfig | None = None) ->
             data = read_object(fs, posixpath.join(base, index_name(split)))
         except FileNotFoundError:
             return None
-    return DataIndex.from_bytes(data, uri)
+    return DataIndex.from_bytes(data, uri, skip)
 
 
 def write_indexes(folder: str, indexes: dict[str, DataIndex], storage: StorageConfig | None = None) -> None:
@@ -356,8 +359,9 @@ def open_dataset(index: DataIndex, cfg: DataConfig, storage: StorageConfig | Non
     if index.dataset == "fashion_mnist":
         return FashionMNIST(uri, index.split, labels, **common)
     if index.dataset == "image_folder":
-        return ImageFolderDataset(uri, index.split, index.table.column("path").combine_chunks(), labels,
-                                  index.class_names, **common)
+        paths = index.table.column("path")
+        paths = paths.chunk(0) if paths.num_chunks == 1 else paths.combine_chunks()  # one chunk: no copy
+        return ImageFolderDataset(uri, index.split, paths, labels, index.class_names, **common)
     return ParquetImageDataset(uri, index.split, index.files, index.column("file"), index.column("row_group"),
                                index.column("offset"), labels, index.class_names, image_column=cfg.image_column,
                                **common)
