@@ -31,9 +31,10 @@ class RunData:
     listed: bool  # listed by this call: not in storage yet
 
 
-def resolve_data(cfg: Config, storage: Storage) -> RunData:
+def resolve_data(cfg: Config, storage: Storage, verify: bool = True) -> RunData:
     """The run's data indexes: data.index when set, else the run's own when it was listed from the data the
-    config names, else a new listing (checked, not yet written). Writes nothing."""
+    config names, else a new listing (checked, images decoded per data.verify unless `verify` is False; not
+    yet written). Writes nothing."""
     if cfg.data.index:
         uri = resolve_uri(cfg.data.index)
         return RunData(load_indexes(cfg.data, uri, cfg.storage, shared=True), uri, False)
@@ -41,7 +42,7 @@ def resolve_data(cfg: Config, storage: Storage) -> RunData:
     found = load_indexes(cfg.data, uri, cfg.storage)
     if found is not None:
         return RunData(found, uri, False)
-    return RunData(build_indexes(cfg.data, cfg.storage), uri, True)
+    return RunData(build_indexes(cfg.data, cfg.storage, verify), uri, True)
 
 
 def context_for(cfg: Config, data: RunData) -> RunContext:
@@ -66,9 +67,10 @@ def record_data(cfg: Config, storage: Storage, data: RunData) -> RunContext:
 
 
 def data_context(cfg: Config, storage: Storage | None = None, write: bool = True) -> RunContext:
-    """The run's data facts, listing the data only when no index exists; `write`: keep a new listing in the run."""
+    """The run's data facts, listing the data only when no index exists; `write`: keep a new listing in the
+    run (else nothing is written and no image decoded: `plan`)."""
     storage = storage or open_storage(cfg)
-    data = resolve_data(cfg, storage)
+    data = resolve_data(cfg, storage, verify=write)
     return record_data(cfg, storage, data) if write else context_for(cfg, data)
 
 

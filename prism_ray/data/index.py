@@ -190,14 +190,15 @@ def load_indexes(cfg: DataConfig, folder: str, storage: StorageConfig | None = N
 # ------------------------------------------------------------------------------------ listing
 
 
-def build_indexes(cfg: DataConfig, storage: StorageConfig | None = None) -> dict[str, DataIndex]:
+def build_indexes(cfg: DataConfig, storage: StorageConfig | None = None, verify: bool = True) -> dict[str, DataIndex]:
     """List every split (train first: val rows carry training class ids), decoding every image where
-    `data.verify` says so. Raises DataError, naming the file or field, on data a run cannot use."""
+    `data.verify` says so (`verify=False`: never, for a look that keeps nothing, as `plan`'s). Raises
+    DataError, naming the file or field, on data a run cannot use."""
     out = {"train": list_split(cfg, "train", storage)}
     if "val" in splits(cfg):
         out["val"] = list_split(cfg, "val", storage, class_names=out["train"].class_names)
     for index in out.values():
-        if index.dataset != "fashion_mnist" and should_verify(cfg.verify, len(index)):
+        if verify and index.dataset != "fashion_mnist" and should_verify(cfg.verify, len(index)):
             verify_index(index, cfg, storage)
     return out
 

@@ -61,6 +61,8 @@ def test_truncated_jpeg_is_named_before_the_run_starts(tmp_path, capsys):
     bad.write_bytes(bad.read_bytes()[: len(bad.read_bytes()) // 2])
     _refused(tmp_path, capsys, {"dataset": "image_folder", "train": str(tmp_path / "train")},
              "data.train", str(bad), "truncated", "replace or remove the file")
+    assert main(["plan", str(tmp_path / "config.yaml")]) == 0  # plan lists but decodes nothing, writes nothing
+    assert not (tmp_path / "out").exists()
 
 
 def test_an_unverified_truncated_jpeg_fails_the_unit_that_reads_it_naming_the_file(tmp_path, capsys):
