@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p = sub.add_parser("validate", help="check a config and print it resolved")
     _add_config_args(p)
+    p = sub.add_parser("index", help="list the data set once into index files that runs can share (data.index)")
+    _add_config_args(p)
+    p.add_argument("--out", metavar="URI", help="folder for train-index.parquet and val-index.parquet "
+                                                "(default: data.index, else RUN_OUTPUT/data)")
     for name, text in (("status", "what is committed, missing and failed, per stage (reads storage only)"),
                        ("report", "print the results table of a run")):
         p = sub.add_parser(name, help=text)
@@ -93,6 +97,14 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         import yaml
         print(yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False), end="")
+        return EXIT_OK
+    if args.command == "index":
+        from prism_ray.data.index import index_name
+        from prism_ray.runs import index_data
+        out, indexes = index_data(cfg, args.out)
+        for split, idx in indexes.items():
+            checked = ", every image decoded" if idx.verified else ""
+            print(f"{split}: {len(idx):,} images, {len(idx.class_names):,} classes{checked} -> {out}/{index_name(split)}")
         return EXIT_OK
     if args.command == "plan":
         from prism_ray import plan

@@ -61,6 +61,11 @@ class DataConfig:
     max_val: Optional[int] = _f(None, ge=1, doc="cap on validation images (evaluation), first N")
     image_column: str = "image"
     label_column: str = "label"
+    index: Optional[str] = _f(None, doc="folder URI holding train-index.parquet / val-index.parquet (made by "
+                                        "`prism-ray index`): nothing is listed; empty = list once into RUN/data")
+    verify: Literal["auto", True, False] = _f(
+        "auto", doc="decode every image when the data is listed: true, false, or auto (splits of at most 20,000 "
+                    "images)")
 
 
 @dataclass

@@ -157,7 +157,8 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return _convert(args[0], value, path)
     if origin is Literal:
         allowed = typing.get_args(tp)
-        if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+        # True == 1 in Python: a choice matches only a value of its own kind (bool or not)
+        if not any(value == a and isinstance(value, bool) == isinstance(a, bool) for a in allowed):
             raise ConfigError(path, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value
     if value is None:

@@ -12,7 +12,7 @@ from typing import Callable
 from prism_ray.config import STAGES, Config
 from prism_ray.orchestration.progress import StageReport
 from prism_ray.preflight import preflight
-from prism_ray.runs import data_context, open_storage, record_run
+from prism_ray.runs import context_for, data_context, open_storage, record_data, record_run, resolve_data
 from prism_ray.stages.base import RunContext, Stage
 from prism_ray.storage import Storage
 
@@ -73,11 +73,15 @@ def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
 def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: bool = False,
             quiet: bool = False) -> list[StageReport]:
     """Everything `prism-ray run` / `prism-ray <stage>` does: check, record, run on Ray or in-process, report."""
-    context = data_context(cfg)  # missing data fails here, before anything is written
     storage = open_storage(cfg)
-    stages = build_stages(cfg, storage, context, stage_names)
-    preflight(cfg, storage, context, stages, fresh=fresh)  # everything checkable, before anything is written
+    # The data is listed (once per run; never with data.index or a resumed run's index) and checked, then
+    # everything else that can be checked from the config and storage: all before anything is written.
+    data = resolve_data(cfg, storage)
+    preflight(cfg, storage, context_for(cfg, data), build_stages(cfg, storage, context_for(cfg, data), stage_names),
+              fresh=fresh)
+    context = record_data(cfg, storage, data)  # the new index is written: workers read it from now on
     record_run(cfg, storage, context)
+    stages = build_stages(cfg, storage, context, stage_names)
     # Nothing left to run (a finished run, resumed): skip starting Ray, which costs seconds.
     pending = fresh or any({u.id for u in st.units()} - st.store.committed() for st in stages)
     if local or not pending:

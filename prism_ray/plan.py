@@ -45,7 +45,7 @@ def num_classes_for(cfg: Config) -> int:
     if cfg.data.classes:
         return cfg.data.classes
     from prism_ray.runs import data_context
-    return data_context(cfg).num_classes
+    return data_context(cfg, write=False).num_classes  # reads data.index or the run's index; lists only without
 
 
 def describe(cfg: Config) -> str:

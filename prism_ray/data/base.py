@@ -6,6 +6,7 @@ source gives the teachers the same kind of tensor.
 """
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,9 +14,33 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from prism_ray.config import DataConfig
+
 
 class DataError(ValueError):
     """The data set is missing or malformed: the message says which file and what to do."""
+
+
+def _unsatisfiable(e: BaseException) -> bool:
+    return isinstance(e, OSError) and (e.errno == errno.EINVAL or "not satisfiable" in str(e))
+
+
+def read_objects(fs, paths: list[str]) -> list[bytes | BaseException]:
+    """Whole objects, fetched concurrently, each as its bytes or the exception reading it raised.
+
+    Ranged reads from byte 0: for a whole-object read s3fs first asks for the object's size (one HEAD
+    per image); a range needs none. An empty object cannot satisfy a range, and reads as b"".
+    """
+    out = fs.cat_ranges(list(paths), 0, None, on_error="return")
+    return [b"" if _unsatisfiable(r) else r for r in out]
+
+
+def read_object(fs, path: str) -> bytes:
+    """One whole object, as `read_objects` reads it; raises what reading it raised."""
+    (blob,) = read_objects(fs, [path])
+    if isinstance(blob, BaseException):
+        raise blob
+    return blob
 
 
 @dataclass(frozen=True)
@@ -44,6 +69,20 @@ class Normalization:
 
 FASHION_MNIST_STATS = ((0.2860,), (0.3530,))
 IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+
+
+def dataset_normalization(cfg: DataConfig) -> Normalization:
+    """What images of the configured data set are normalized with: data.mean/std, else the source's usual
+    statistics (Fashion-MNIST's, or ImageNet's, averaged for one channel). Needs no data."""
+    if cfg.mean is not None and cfg.std is not None:
+        return Normalization(tuple(cfg.mean), tuple(cfg.std))
+    if cfg.dataset == "fashion_mnist":
+        (mean,), (std,) = FASHION_MNIST_STATS
+        return Normalization((mean,) * cfg.channels, (std,) * cfg.channels)
+    mean, std = IMAGENET_STATS
+    if cfg.channels == 1:
+        return Normalization((sum(mean) / 3,), (sum(std) / 3,))
+    return Normalization(mean, std)
 
 
 def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -88,8 +127,11 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
                 raise DataError(f"data.classes={classes} but {name} has only {num_classes} classes")
             num_classes = classes
         self.class_names = list(class_names[:num_classes])
-        # Positions (in the source) of each class's images, in source order, optionally capped.
-        by_class = [np.flatnonzero(labels == c) for c in range(num_classes)]
+        # Positions (in the source) of each class's images, in source order, optionally capped: one stable
+        # sort instead of a pass over all labels per class (1.28 M labels x 1000 classes).
+        order = np.argsort(labels, kind="stable").astype(np.int32 if len(labels) < 2**31 else np.int64)
+        bounds = np.searchsorted(labels[order], np.arange(num_classes + 1))
+        by_class = [order[bounds[c]:bounds[c + 1]] for c in range(num_classes)]
         if max_per_class is not None:
             by_class = [idx[:max_per_class] for idx in by_class]
         self._by_class = by_class

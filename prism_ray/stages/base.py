@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from prism_ray.config import Config
 from prism_ray.storage import COMBINED, ShardStore, Storage
@@ -31,9 +31,13 @@ class RunContext:
     num_classes: int
     class_names: list[str]
     train_counts: list[int]
+    # Folder of the data index (train-index.parquet, val-index.parquet) workers read instead of listing;
+    # None: a worker lists the data itself.
+    index_uri: Optional[str] = None
 
     def to_json(self) -> dict:
-        return {"num_classes": self.num_classes, "class_names": self.class_names, "train_counts": self.train_counts}
+        return {"num_classes": self.num_classes, "class_names": self.class_names, "train_counts": self.train_counts,
+                "index_uri": self.index_uri}
 
 
 class StageError(RuntimeError):

@@ -75,7 +75,7 @@ class DiversityWorker(Worker):
         self.network = diversity_network(cfg)
         self.model = load_pool([self.network], model_shape(cfg, stage.context.num_classes), cfg, stage.storage,
                                self.device)[self.network]
-        self.train = build_dataset(cfg.data, "train", cfg.storage)
+        self.train = build_dataset(cfg.data, "train", cfg.storage, index=stage.context.index_uri)
         self.sets = ImageSetCache(stage.storage, self.train.normalization, cfg.data.channels)
 
     def _real_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,8 +149,9 @@ class StudentWorker(Worker):
         self.stage = stage
         cfg = stage.cfg
         self.device = best_device()
-        train = build_dataset(cfg.data, "train", cfg.storage)
-        val = build_dataset(cfg.data, "val", cfg.storage, class_names=train.class_names, capped=False)
+        train = build_dataset(cfg.data, "train", cfg.storage, index=stage.context.index_uri)
+        val = build_dataset(cfg.data, "val", cfg.storage, class_names=train.class_names, capped=False,
+                            index=stage.context.index_uri)
         n_val = min(len(val), cfg.data.max_val or len(val))
         self.val = val.tensors(list(range(n_val))) if n_val <= IN_MEMORY_LIMIT else val
         self.sets = ImageSetCache(stage.storage, train.normalization, cfg.data.channels)

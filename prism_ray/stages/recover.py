@@ -101,7 +101,7 @@ class RecoverWorker(Worker):
         self.stage = stage
         cfg = stage.cfg
         self.device = best_device()
-        self.data = build_dataset(cfg.data, "train", cfg.storage)
+        self.data = build_dataset(cfg.data, "train", cfg.storage, index=stage.context.index_uri)
         shape = model_shape(cfg, stage.context.num_classes)
         self.pool = load_pool(_teacher_names(stage.rc), shape, cfg, stage.storage, self.device)
         self.shape = (shape.in_channels, shape.resolution, shape.resolution)
@@ -153,7 +153,7 @@ class RandomRealStage(Stage):
 class RandomRealWorker(Worker):
     def __init__(self, stage: RandomRealStage):
         self.stage = stage
-        self.data = build_dataset(stage.cfg.data, "train", stage.cfg.storage)
+        self.data = build_dataset(stage.cfg.data, "train", stage.cfg.storage, index=stage.context.index_uri)
 
     def picks(self, class_id: int) -> list[int]:
         """The class's chosen image numbers (k in 'k-th image of the class'), seeded per class."""

@@ -20,7 +20,7 @@ import torch
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.soft_labels import EpochPlan, dense_labels, plan_epoch, soft_labels
 from prism_ray.config import Config
-from prism_ray.data import build_dataset
+from prism_ray.data import dataset_normalization
 from prism_ray.formatting import human_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.image_sets import ImageSetCache, set_inputs, sets_fingerprint
@@ -204,7 +204,7 @@ class RelabelWorker(Worker):
         shape = model_shape(cfg, stage.context.num_classes)
         pool = load_pool(cfg.relabel_teachers(), shape, cfg, stage.storage, self.device)
         self.teachers = [pool[n] for n in cfg.relabel_teachers()]
-        norm = build_dataset(cfg.data, "train", cfg.storage).normalization
+        norm = dataset_normalization(cfg.data)
         self.sets = ImageSetCache(stage.storage, norm, cfg.data.channels)
 
     def compute(self, unit: Unit):

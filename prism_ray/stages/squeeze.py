@@ -25,6 +25,8 @@ def data_fingerprint(cfg) -> dict:
     d = dataclasses.asdict(cfg.data)
     d.pop("max_val", None)
     d.pop("val", None)
+    d.pop("index", None)  # where the listing is kept and whether it was verified do not change any image
+    d.pop("verify", None)
     return d
 
 
@@ -56,8 +58,10 @@ class SqueezeWorker(Worker):
         self.stage = stage
         cfg = stage.cfg
         self.device = best_device()
-        self.train = build_dataset(cfg.data, "train", cfg.storage)
-        self.val = build_dataset(cfg.data, "val", cfg.storage, class_names=self.train.class_names, capped=False)
+        index = stage.context.index_uri  # the run's data index: no worker lists the data
+        self.train = build_dataset(cfg.data, "train", cfg.storage, index=index)
+        self.val = build_dataset(cfg.data, "val", cfg.storage, class_names=self.train.class_names, capped=False,
+                                 index=index)
         # Small data sets are decoded once and trained from memory; large ones stream from the source.
         self.train_data = self.train.tensors() if len(self.train) <= IN_MEMORY_LIMIT else self.train
         val_idx = range(min(len(self.val), cfg.data.max_val or len(self.val)))

@@ -55,7 +55,7 @@ def test_failing_shard_is_reported_and_redone_after_the_fix(tmp_path, capsys):
     bad.write_bytes(b"this is not a png")  # shard ipc 1 of classes c, d fails every time
     cfg = recover_config(str(tmp_path / "run"), ipc=3, classes=4, group=2,
                          data={"dataset": "image_folder", "train": str(data / "train"), "channels": 3,
-                               "resolution": 16, "max_per_class": None})
+                               "resolution": 16, "max_per_class": None, "verify": False})  # met by a worker
     import yaml
     cfg_path = tmp_path / "c.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))

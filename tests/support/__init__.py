@@ -1,0 +1,1 @@
+"""Test helpers that are real components: an S3 request-counting proxy."""
