@@ -6,7 +6,6 @@ source gives the teachers the same kind of tensor.
 """
 from __future__ import annotations
 
-import errno
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,28 +18,6 @@ from prism_ray.config import DataConfig
 
 class DataError(ValueError):
     """The data set is missing or malformed: the message says which file and what to do."""
-
-
-def _unsatisfiable(e: BaseException) -> bool:
-    return isinstance(e, OSError) and (e.errno == errno.EINVAL or "not satisfiable" in str(e))
-
-
-def read_objects(fs, paths: list[str]) -> list[bytes | BaseException]:
-    """Whole objects, fetched concurrently, each as its bytes or the exception reading it raised.
-
-    Ranged reads from byte 0: for a whole-object read s3fs first asks for the object's size (one HEAD
-    per image); a range needs none. An empty object cannot satisfy a range, and reads as b"".
-    """
-    out = fs.cat_ranges(list(paths), 0, None, on_error="return")
-    return [b"" if _unsatisfiable(r) else r for r in out]
-
-
-def read_object(fs, path: str) -> bytes:
-    """One whole object, as `read_objects` reads it; raises what reading it raised."""
-    (blob,) = read_objects(fs, [path])
-    if isinstance(blob, BaseException):
-        raise blob
-    return blob
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from prism_ray.config import StorageConfig
-from prism_ray.data.base import ClassIndexedDataset, DataError, Normalization, read_object
-from prism_ray.storage import filesystem, translate_errors
+from prism_ray.data.base import ClassIndexedDataset, DataError, Normalization
+from prism_ray.storage import filesystem, read_object, translate_errors
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]

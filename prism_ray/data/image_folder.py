@@ -15,8 +15,8 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from prism_ray.config import StorageConfig
-from prism_ray.data.base import ClassIndexedDataset, DataError, Normalization, read_objects
-from prism_ray.storage import filesystem, translate_errors
+from prism_ray.data.base import ClassIndexedDataset, DataError, Normalization
+from prism_ray.storage import filesystem, read_objects, translate_errors
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 GREY_MODES = ("L", "LA", "La", "1", "F")

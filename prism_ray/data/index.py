@@ -33,11 +33,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prism_ray.config import DataConfig, StorageConfig
-from prism_ray.data.base import ClassIndexedDataset, DataError, dataset_normalization, read_object
+from prism_ray.data.base import ClassIndexedDataset, DataError, dataset_normalization
 from prism_ray.data.fashion_mnist import CLASS_NAMES, FILES, FashionMNIST, idx_gz_length, read_idx_gz
 from prism_ray.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from prism_ray.data.parquet_table import ParquetImageDataset, class_names_from_metadata, file_path
-from prism_ray.storage import Storage, filesystem, table_bytes, translate_errors
+from prism_ray.storage import Storage, filesystem, read_object, table_bytes, translate_errors
 
 INDEX_META = b"prism_ray_index"
 FORMAT = 1
