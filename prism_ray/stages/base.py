@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from prism_ray.config import Config
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import COMBINED, ShardStore, Storage
 
 
 @dataclass(frozen=True)
@@ -117,17 +117,33 @@ class Stage(ABC):
     def config_key(self) -> str:
         return f"{self.prefix}/config.json"
 
+    def current_config(self) -> dict:
+        """The fingerprint as it is recorded (JSON types)."""
+        return json.loads(json.dumps(self.fingerprint(), default=str))
+
     def check_config(self, fresh: bool = False) -> None:
-        """Record this stage's config, or refuse when committed outputs were made with another one."""
-        current = json.loads(json.dumps(self.fingerprint(), default=str))
+        """Record this stage's config, or refuse when committed outputs were made with another one.
+
+        One change is not refused: raising the IPC (a set grows). A recover shard depends on its IPC index,
+        class group, teachers and recover settings, not on the total IPC, so recover stages keep every
+        committed shard and run only the new IPC indices; later stages depend on whole sets and start over.
+        """
+        current = self.current_config()
         if fresh:
             self.storage.delete(self.prefix)
         elif self.storage.exists(self.config_key):
             recorded = self.storage.read_json(self.config_key)
-            if recorded != current:
-                if self.store.committed():
-                    raise ConfigMismatch(self.name, diff_fields(recorded, current), self.storage.uri(self.prefix))
-                # Nothing committed yet: the old record binds nothing.
+            if recorded != current and self.store.committed():
+                change = classify_change(recorded, current)
+                if change.other or change.lowered:
+                    raise ConfigMismatch(self.name, change.describe(), self.storage.uri(self.prefix))
+                if self.kind == "recover":
+                    # the combined manifest lists the smaller set: readers must wait for the grown one
+                    self.storage.delete(f"{self.prefix}/{COMBINED}")
+                else:
+                    # labels, students and diversity were made for the smaller sets: redo them
+                    self.storage.delete(self.prefix)
+            # Nothing committed yet: the old record binds nothing.
         self.storage.write_json(self.config_key, current)
 
 
@@ -138,6 +154,38 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
+
+
+@dataclass
+class ConfigChange:
+    """How a stage's recorded fingerprint differs from the current one: IPC fields raised or lowered
+    (a field named 'ipc', e.g. recover.ipc), and every other differing field."""
+
+    grown: list[tuple[str, Any, Any]]
+    lowered: list[tuple[str, Any, Any]]
+    other: list[str]
+
+    @property
+    def is_growth(self) -> bool:
+        return bool(self.grown) and not self.lowered and not self.other
+
+    def describe(self) -> list[str]:
+        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink)."""
+        lowered = [f"{k} (lowered from {a} to {b}: a set can grow, not shrink)" for k, a, b in self.lowered]
+        return lowered + self.other + [f"{k} (raised from {a} to {b})" for k, a, b in self.grown
+                                       if self.other or self.lowered]
+
+
+def classify_change(recorded: dict, current: dict) -> ConfigChange:
+    fa, fb = flatten(recorded), flatten(current)
+    grown, lowered, other = [], [], []
+    for k in diff_fields(recorded, current):
+        a, b = fa.get(k), fb.get(k)
+        if k.rsplit(".", 1)[-1] == "ipc" and isinstance(a, int) and isinstance(b, int):
+            (grown if b > a else lowered).append((k, a, b))
+        else:
+            other.append(k)
+    return ConfigChange(grown, lowered, other)
 
 
 def diff_fields(a: dict, b: dict) -> list[str]:
