@@ -96,18 +96,20 @@ def paired_comparisons(results: list[dict], method: str) -> list[dict]:
 
 
 def retention(storage: Storage, sets: list[str]) -> list[dict]:
-    """Per set, how much of its real initial images the synthetic images keep (the recover manifest's
-    init_ssim), with what they were compared to; sets without the column (random real) are left out."""
+    """Per synthetic set: how much of its real initial images the images keep (the recover manifest's
+    init_ssim, with what it compared them to) and the primary's final cross-entropy on them (CE
+    convergence); the random-real set, which has neither, is left out."""
     out = []
     for s in sets:
-        rows = [r for r in _table(storage, f"{recover_prefix(s)}/{COMBINED}") if r.get("init_ssim") is not None]
+        rows = [r for r in _table(storage, f"{recover_prefix(s)}/{COMBINED}") if r.get("loss_ce") is not None]
         if not rows:
             continue
-        values = [r["init_ssim"] for r in rows]
-        mean, std = mean_std(values)
-        refs = sorted({r["init_ssim_ref"] for r in rows})
-        out.append({"set": s, "reference": ",".join(refs), "images": len(values), "mean": mean, "std": std,
-                    "min": min(values), "max": max(values)})
+        values = [r["init_ssim"] for r in rows if r.get("init_ssim") is not None]
+        mean, std = mean_std(values) if values else (None, None)
+        refs = sorted({r["init_ssim_ref"] for r in rows if r.get("init_ssim_ref")})
+        out.append({"set": s, "reference": ",".join(refs) or None, "images": len(rows), "mean": mean, "std": std,
+                    "min": min(values) if values else None, "max": max(values) if values else None,
+                    "loss_ce": mean_std([r["loss_ce"] for r in rows])[0]})
     return out
 
 
@@ -180,11 +182,16 @@ def retention_table(figures: dict) -> str:
         return "(no retention figures: the recover manifests have no init_ssim column)"
     lines = ["SSIM between each synthetic image and the k-th real training image of its class (k = its IPC "
              "index): the image it started from for real init (`init`); for noise init (`kth_real`) an image "
-             "it never saw, the level of no retention. 1 = unchanged.", "",
-             "| set | compared with | images | mean SSIM | std | min | max |", "|---|---|---|---|---|---|---|"]
+             "it never saw, the level of no retention. 1 = unchanged. Final CE: the primary's cross-entropy on "
+             "the images at the last iteration (CE convergence).", "",
+             "| set | compared with | images | mean SSIM | std | min | max | final CE |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
     for r in figures["retention"]:
-        lines.append(f"| {r['set']} | {r['reference']} | {r['images']} | {r['mean']:.3f} | {r['std']:.3f} | "
-                     f"{r['min']:.3f} | {r['max']:.3f} |")
+        lines.append(f"| {r['set']} | {r['reference'] or ''} | {r['images']} | {f(r['mean'])} | {f(r['std'])} | "
+                     f"{f(r['min'])} | {f(r['max'])} | {r['loss_ce']:.4f} |")
     return "\n".join(lines)
 
 

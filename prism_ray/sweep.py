@@ -46,6 +46,7 @@ from prism_ray.config import RANDOM_REAL, Config, ConfigError, StorageConfig
 from prism_ray.config_loader import apply_override, config_from_dict
 from prism_ray.formatting import hms
 from prism_ray.stages.base import StageError, classify_change
+from prism_ray.stats import paired_difference
 from prism_ray.storage import COMBINED, ShardStore, Storage
 from prism_ray.teacher_pool import checkpoint_key
 
@@ -202,23 +203,10 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
 
 
 def _expand(spec: dict) -> list[Point]:
-    """Every point of the file: `base` (with vary), one per `vary` value, the `grid` product, `points`."""
+    """Every point of the file: `base` (with vary; a point named `base` in `points` replaces it, e.g. to add
+    the random-real baseline there only), one per `vary` value, the `grid` product, then `points`."""
     points: list[Point] = []
-    vary = _mapping(spec.get("vary"), "sweep.vary")
-    grid = _mapping(spec.get("grid"), "sweep.grid")
-    for section, values_of in (("vary", vary), ("grid", grid)):
-        for key, values in values_of.items():
-            if not isinstance(values, list) or not values:
-                raise ConfigError(f"sweep.{section}.{key}", f"must be a non-empty list of values, got {values!r}")
-    if vary:
-        points.append(Point(BASE_POINT, {}))
-        for key, values in vary.items():
-            points += [Point(_name_for({key: v}), {key: v}) for v in values]
-    if grid:
-        keys = list(grid)
-        for combo in itertools.product(*(grid[k] for k in keys)):
-            overrides = dict(zip(keys, combo))
-            points.append(Point(_name_for(overrides), overrides))
+    explicit: list[Point] = []
     for i, item in enumerate(spec.get("points") or []):
         where = f"sweep.points[{i}]"
         if not isinstance(item, dict):
@@ -227,8 +215,28 @@ def _expand(spec: dict) -> list[Point]:
             if key not in POINT_KEYS:
                 raise ConfigError(f"{where}.{key}", f"unknown key; allowed: {', '.join(POINT_KEYS)}")
         overrides = _mapping(item.get("set"), f"{where}.set")
-        points.append(Point(str(item.get("name") or _name_for(overrides)), overrides,
-                            grow_from=item.get("grow_from")))
+        explicit.append(Point(str(item.get("name") or _name_for(overrides)), overrides,
+                              grow_from=item.get("grow_from")))
+    vary = _mapping(spec.get("vary"), "sweep.vary")
+    grid = _mapping(spec.get("grid"), "sweep.grid")
+    for section, values_of in (("vary", vary), ("grid", grid)):
+        for key, values in values_of.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"sweep.{section}.{key}", f"must be a non-empty list of values, got {values!r}")
+    base = [p for p in explicit if p.name == BASE_POINT]
+    if base:
+        points.append(base[0])
+    elif vary:
+        points.append(Point(BASE_POINT, {}))
+    if vary:
+        for key, values in vary.items():
+            points += [Point(_name_for({key: v}), {key: v}) for v in values]
+    if grid:
+        keys = list(grid)
+        for combo in itertools.product(*(grid[k] for k in keys)):
+            overrides = dict(zip(keys, combo))
+            points.append(Point(_name_for(overrides), overrides))
+    points += [p for p in explicit if not (base and p is base[0])]
     if not points:
         raise ConfigError("sweep", "no points: give vary, grid or points")
     names = [p.name for p in points]
@@ -339,7 +347,8 @@ def _run_points(sweep: Sweep, storage: Storage, todo: list[Point], local: bool, 
         figures = collect(Storage(p.cfg.run.output, p.cfg.storage))
         record = {"name": p.name, "set": p.overrides, "changes": p.changes(), "grow_from": p.grow_from,
                   "config": _normalized(p.cfg.to_dict(redact=True)), "seconds": seconds,
-                  **{k: figures[k] for k in ("ipc", "accuracy", "paired", "diversity", "retention", "compute")}}
+                  **{k: figures[k] for k in ("ipc", "accuracy", "paired", "diversity", "retention", "compute")},
+                  "top1": [{k: r[k] for k in ("set", "student", "seed", "top1")} for r in figures["results"]]}
         storage.write_json(record_key(p.name), _normalized(record))
         write_table(storage, sweep)
         _say(stream, f"sweep: point {p.name} done in {hms(seconds)}: " + "; ".join(
@@ -385,10 +394,20 @@ def seed_from(storage: Storage, sweep: Sweep, point: Point) -> None:
 
 
 def table_rows(records: list[dict]) -> list[dict]:
-    """One row per point x set x student: accuracy, the method minus this set (paired, 95 % interval),
-    within-class cosine and real-init retention of the set, and the point's cost."""
+    """One row per point x set x student: accuracy, the method minus this set (paired, 95 % interval), this
+    set minus the same set at the first point (paired by student seed across runs: a seed starts from the
+    same weights in every point of one run seed), within-class cosine, real-init retention, final CE, cost."""
+    def per_seed(rec: dict) -> dict[tuple[str, str], dict[int, float]]:
+        out: dict[tuple[str, str], dict[int, float]] = {}
+        for r in rec.get("top1", []):
+            out.setdefault((r["set"], r["student"]), {})[r["seed"]] = r["top1"]
+        return out
+
+    reference = per_seed(records[0]) if records else {}
+    same_seed_root = {rec["config"]["run"]["seed"] for rec in records}
     rows = []
     for rec in records:
+        seeds = per_seed(rec)
         method = rec["config"]["recover"]["name"]
         cosine = {d["set"]: d["mean_cosine"] for d in rec["diversity"]}
         keep = {r["set"]: r for r in rec["retention"]}
@@ -397,15 +416,23 @@ def table_rows(records: list[dict]) -> list[dict]:
                            if c["stage"].startswith("recover/")}
         for a in rec["accuracy"]:
             p = paired.get((a["set"], a["student"]))
+            key = (a["set"], a["student"])
+            vs_first = None
+            if rec is not records[0] and len(same_seed_root) == 1 and key in reference:
+                vs_first = paired_difference(seeds.get(key, {}), reference[key])
             rows.append({
                 "point": rec["name"], "changes": rec["changes"], "ipc": rec["ipc"], "set": a["set"],
                 "student": a["student"], "seeds": len(a["seeds"]), "top1_mean": a["top1_mean"],
                 "top1_std": a["top1_std"], "top5_mean": a["top5_mean"], "top5_std": a["top5_std"],
                 "method": method, "method_minus_set": p["mean"] if p else None,
                 "method_minus_set_low": p["low"] if p else None, "method_minus_set_high": p["high"] if p else None,
+                "first_point": records[0]["name"], "minus_first": vs_first["mean"] if vs_first else None,
+                "minus_first_low": vs_first["low"] if vs_first else None,
+                "minus_first_high": vs_first["high"] if vs_first else None,
                 "mean_cosine": cosine.get(a["set"]),
                 "init_ssim": keep[a["set"]]["mean"] if a["set"] in keep else None,
                 "init_ssim_ref": keep[a["set"]]["reference"] if a["set"] in keep else None,
+                "loss_ce": keep[a["set"]]["loss_ce"] if a["set"] in keep else None,
                 "recover_seconds": recover_seconds.get(a["set"]), "point_seconds": rec["seconds"]})
     return rows
 
@@ -423,23 +450,31 @@ def markdown(sweep: Sweep, rows: list[dict], teachers: list[dict]) -> str:
     if teachers:
         lines += ["Shared teachers (squeeze, once): " + ", ".join(
             f"{t['teacher']} ({t['arch']}) {100 * t['val_top1']:.1f} %" for t in teachers) + ".", ""]
-    lines += ["Top-1 on the real validation set (mean ± std over student seeds); Δ = the method minus this set, "
-              "paired by student seed, with its 95 % t interval; cosine = mean within-class cosine similarity "
+    lines += ["Top-1 on the real validation set (mean ± std over student seeds, in %); Δ method − set: the method "
+              "minus this set within the point, paired by student seed, with its 95 % t interval, in points; Δ vs "
+              "the first point: this set and student minus the same at the first point, paired by seed; cosine = mean within-class cosine similarity "
               "of the primary's features (lower = more diverse); init SSIM = SSIM to the k-th real image of "
-              "the class (the image it started from for real init; for noise init, a no-retention level).", "",
-              "| point | changes | set | student | top-1 (%) | Δ (points) [95 % CI] | cosine | init SSIM | "
-              "recover s | point min |", "|---|---|---|---|---|---|---|---|---|---|"]
+              "the class (the image it started from for real init; for noise init, a no-retention level); final CE = "
+              "the primary's mean cross-entropy on the set's images at the last recover iteration.", "",
+              "| point | changes | set | student | top-1 (%) | Δ method − set [95 % CI] | Δ vs "
+              f"{rows[0]['first_point'] if rows else 'first point'} [95 % CI] | cosine | init SSIM | final CE | "
+              "recover s | point min |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    def delta(r: dict, key: str) -> str:
+        if r[key] is None:
+            return ""
+        text = _pct(r[key])
+        if r[f"{key}_low"] is not None:
+            text += f" [{_pct(r[f'{key}_low'])}, {_pct(r[f'{key}_high'])}]"
+        return text
+
     for r in rows:
-        delta = ""
-        if r["method_minus_set"] is not None:
-            delta = _pct(r["method_minus_set"])
-            if r["method_minus_set_low"] is not None:
-                delta += f" [{_pct(r['method_minus_set_low'])}, {_pct(r['method_minus_set_high'])}]"
         cosine = "" if r["mean_cosine"] is None else f"{r['mean_cosine']:.4f}"
         kept = "" if r["init_ssim"] is None else f"{r['init_ssim']:.3f} ({r['init_ssim_ref']})"
+        ce = "" if r["loss_ce"] is None else f"{r['loss_ce']:.3f}"
         recover_s = "" if r["recover_seconds"] is None else f"{r['recover_seconds']:.0f}"
         lines.append(f"| {r['point']} | {r['changes']} | {r['set']} | {r['student']} | {100 * r['top1_mean']:.2f} ± "
-                     f"{100 * r['top1_std']:.2f} ({r['seeds']}) | {delta} | {cosine} | {kept} | {recover_s} | "
+                     f"{100 * r['top1_std']:.2f} ({r['seeds']}) | {delta(r, 'method_minus_set')} | "
+                     f"{delta(r, 'minus_first')} | {cosine} | {kept} | {ce} | {recover_s} | "
                      f"{r['point_seconds'] / 60:.1f} |")
     return "\n".join(lines) + "\n"
 

@@ -75,6 +75,15 @@ def test_a_point_equal_to_an_earlier_one_is_left_out(tmp_path):
     assert sweep.output == str(tmp_path / "base-run") + "-sweep"
 
 
+def test_a_point_named_base_replaces_the_vary_base(tmp_path):
+    sweep = load_sweep(write_sweep(tmp_path, vary={"recovers.lr": [0.1]}, set={"baselines.random_real": False},
+                                   points=[{"name": "other", "set": {"recover.jitter": 4}},
+                                           {"name": "base", "set": {"baselines.random_real": True}}]),
+                       write_base(tmp_path))
+    assert [p.name for p in sweep.points] == ["base", "lr=0.1", "other"]
+    assert [p.cfg.baselines.random_real for p in sweep.points] == [True, False, False]
+
+
 def test_base_config_named_by_the_sweep_file_and_command_line_set(tmp_path):
     write_base(tmp_path)
     path = write_sweep(tmp_path, base="base.yaml", set={"evaluate.epochs": 3}, points=[{"name": "a", "set": {}}])
@@ -144,6 +153,12 @@ def test_sweep_table(swept):
         else:
             assert r["method_minus_set_low"] <= r["method_minus_set"] <= r["method_minus_set_high"]
     assert {r["init_ssim_ref"] for r in rows if r["set"] == "sre2l"} == {"kth_real"}
+    for r in rows:  # each set against the same set at the first point, paired by student seed
+        if r["point"] == "base":
+            assert r["minus_first"] is None
+        else:
+            assert r["minus_first_low"] <= r["minus_first"] <= r["minus_first_high"]
+    assert all(r["loss_ce"] is not None for r in rows if r["set"] != "random_real")
     assert {r["init_ssim"] for r in rows if r["set"] == "random_real"} == {None}
     point = storage.read_table("points/iterations=5/report/results.parquet").to_pylist()
     prism = sorted(r["top1"] for r in point if r["set"] == "prism")
