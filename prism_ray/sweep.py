@@ -30,6 +30,7 @@ base config or the sweep's `set`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import re
@@ -179,10 +180,10 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
                                          f"layout; set it in the base config or the sweep's `set`")
         _apply(raw, p.overrides, where)
         raw.setdefault("run", {}).update(output=out_storage.uri(f"points/{p.name}"), name=f"{name}-{p.name}")
-        for spec_t in raw.get("teachers", {}).get("models", []):
-            if isinstance(spec_t, dict) and spec_t.get("name") in teachers_uri and \
-                    spec_t.get("weights", "squeeze") == "squeeze":
-                spec_t["weights"] = teachers_uri[spec_t["name"]]
+        # the resolved teachers (defaults included), squeezed ones replaced by the shared checkpoints
+        raw["teachers"] = {**(raw.get("teachers") or {}), "models": [
+            {**dataclasses.asdict(t), "weights": teachers_uri.get(t.name, t.weights)}
+            for t in base_cfg.teachers.models]}
         try:
             p.cfg = config_from_dict(raw)
         except ConfigError as e:
@@ -371,23 +372,24 @@ def seed_from(storage: Storage, sweep: Sweep, point: Point) -> None:
                                                              data_context(cfg))}
     for set_name, stage in stage_by_set.items():
         src, dst = f"{source}/{recover_prefix(set_name)}", f"{target}/{recover_prefix(set_name)}"
-        if not storage.exists(f"{src}/config.json") or storage.exists(f"{dst}/config.json"):
-            continue  # nothing to start from, or this point's own recover has begun
+        if not storage.exists(f"{src}/config.json"):
+            continue  # the earlier point has no such set: this one makes it from scratch
         recorded = storage.read_json(f"{src}/config.json")
+        if storage.exists(f"{dst}/config.json") and storage.read_json(f"{dst}/config.json") != recorded:
+            continue  # this point's own recover has begun (its record is its own config now)
         change = classify_change(recorded, stage.current_config())
         if change.other or change.lowered:
             raise StageError(f"sweep point {point.name!r}: grow_from {point.grow_from!r}: {stage.name} differs in "
                              f"{', '.join(change.describe())}; grow_from needs the same recover settings and a "
                              f"larger (or equal) IPC")
-        src_store = ShardStore(storage, src)
-        shards = sorted(src_store.committed())
+        src_store, dst_store = ShardStore(storage, src), ShardStore(storage, dst)
+        shards = sorted(src_store.committed() - dst_store.committed())  # an interrupted copy resumes
         for sid in shards:
             for rel in src_store.read(sid).column("path").to_pylist():
                 storage.write_bytes(f"{dst}/{rel}", storage.read_bytes(f"{src}/{rel}"))
         storage.write_bytes(f"{dst}/config.json", storage.read_bytes(f"{src}/config.json"))
         for sid in shards:
-            key = f"manifests/{sid}.parquet"
-            storage.create_exclusive(f"{dst}/{key}", storage.read_bytes(f"{src}/{key}"))
+            storage.create_exclusive(dst_store.manifest_key(sid), storage.read_bytes(src_store.manifest_key(sid)))
 
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -68,6 +68,17 @@ def test_points_from_vary_grid_and_points(tmp_path):
     assert sweep.points[-1].grow_from == "base"
 
 
+def test_default_teachers_are_shared_too(tmp_path):
+    base = yaml.safe_load(open(write_base(tmp_path)))
+    del base["teachers"]  # the built-in pool: convnet, mobilenet_v2, shufflenet_v2, all squeezed
+    base["recover"]["bn_pool"] = ["shufflenet_v2"]
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    sweep = load_sweep(write_sweep(tmp_path, points=[{"name": "a"}]), str(tmp_path / "base.yaml"))
+    weights = {t.name: t.weights for t in sweep.points[0].cfg.teachers.models}
+    assert weights == {n: sweep.output + f"/teachers/squeeze/teachers/{n}.pt"
+                       for n in ("convnet", "mobilenet_v2", "shufflenet_v2")}
+
+
 def test_a_point_equal_to_an_earlier_one_is_left_out(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path, vary={"recovers.iterations": [3, 5]}), write_base(tmp_path))
     assert [p.name for p in sweep.points] == ["base", "iterations=5"]
