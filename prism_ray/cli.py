@@ -63,6 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
         p.add_argument("--json", action="store_true")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
+    p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
+    _add_config_args(p)
+    p.add_argument("--grid", required=True, metavar="SWEEP.yaml",
+                   help="the sweep file: base, output, set, vary, grid, points (see prism_ray/sweep.py)")
+    p.add_argument("--only", help="comma-separated point names to run (the table keeps every finished point)")
+    p.add_argument("--local", action="store_true", help="run units in this process, without Ray")
+    p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
     return parser
 
 
@@ -93,6 +100,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         from prism_ray import report
         return report.print_report(storage, as_json=args.json)
 
+    if args.command == "sweep":
+        from prism_ray.sweep import load_sweep, run_sweep
+        sweep = load_sweep(args.grid, args.config, args.overrides)
+        only = [n.strip() for n in args.only.split(",") if n.strip()] if args.only else None
+        return run_sweep(sweep, local=args.local, quiet=args.quiet, only=only)
     cfg = load_config(args.config, args.overrides)
     if args.command == "validate":
         import yaml

@@ -1,13 +1,15 @@
-"""The run's report: a results Parquet (set x student x seed), a Markdown report with the accuracy and
-diversity tables, teacher accuracies and compute per stage, a PNG grid of samples and a PNG diversity plot.
+"""The run's report: a results Parquet (set x student x seed), a Markdown report with the accuracy table
+(mean +- std per set and student), the paired comparison of the method against each baseline (per student
+seed, with a 95 % t interval), the diversity and real-init retention tables, teacher accuracies and compute
+per stage, a PNG grid of samples and a PNG diversity plot.
 
 Everything is read from the run's committed manifests, so `prism-ray report RUN_URI` works on any run.
+A report of another IPC (a grown run) is kept under report/ipc<N>/ before the new one is written.
 """
 from __future__ import annotations
 
 import io
 import json
-import statistics
 import sys
 from collections import defaultdict
 
@@ -17,6 +19,8 @@ from PIL import Image, ImageDraw
 from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
 from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
+from prism_ray.stages.recover import recover_prefix
+from prism_ray.stats import mean_std, paired_difference
 from prism_ray.storage import COMBINED, Storage
 
 REPORT = "report"
@@ -28,10 +32,6 @@ def _table(storage: Storage, key: str) -> list[dict]:
         return storage.read_table(key).to_pylist()
     except FileNotFoundError:
         return []
-
-
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def collect(storage: Storage) -> dict:
@@ -52,8 +52,8 @@ def collect(storage: Storage) -> dict:
     order = {name: i for i, name in enumerate(dict.fromkeys(names))}
     accuracy = []
     for (set_name, student), rows in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
-        t1, s1 = _mean_std([r["top1"] for r in rows])
-        t5, s5 = _mean_std([r["top5"] for r in rows])
+        t1, s1 = mean_std([r["top1"] for r in rows])
+        t5, s5 = mean_std([r["top5"] for r in rows])
         accuracy.append({"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
                          "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)})
     diversity_rows = sorted(_table(storage, f"{DIVERSITY_PREFIX}/{COMBINED}"),
@@ -68,9 +68,49 @@ def collect(storage: Storage) -> dict:
                           "min_class": min(vals), "max_class": max(vals)})
     teachers = [{"teacher": r["teacher"], "arch": r["arch"], "val_top1": r["val_top1"], "train_images":
                  r["train_images"], "seconds": r["seconds"]} for r in _table(storage, f"squeeze/{COMBINED}")]
-    return {"name": cfg["run"]["name"], "config": cfg, "results": results, "accuracy": accuracy,
-            "diversity": diversity, "diversity_per_class": per_class, "teachers": teachers,
+    set_names = sorted({r["set"] for r in results}, key=lambda n: order[n])
+    return {"name": cfg["run"]["name"], "config": cfg, "ipc": cfg["recover"]["ipc"], "results": results,
+            "accuracy": accuracy, "paired": paired_comparisons(results, cfg["recover"]["name"]),
+            "diversity": diversity, "diversity_per_class": per_class,
+            "retention": retention(storage, [n for n in set_names if n != REAL]), "teachers": teachers,
             "compute": compute_by_stage(storage)}
+
+
+def paired_comparisons(results: list[dict], method: str) -> list[dict]:
+    """Per student architecture, `method` minus each other set, seed by seed (the same student seed trains
+    on both sets), with the mean difference and its 95 % t interval."""
+    top1: dict[tuple[str, str], dict[int, float]] = defaultdict(dict)
+    for r in results:
+        top1[(r["set"], r["student"])][r["seed"]] = r["top1"]
+    out = []
+    students = list(dict.fromkeys(r["student"] for r in results))
+    others = list(dict.fromkeys(r["set"] for r in results if r["set"] != method))
+    for student in students:
+        if (method, student) not in top1:
+            continue
+        for other in others:
+            d = paired_difference(top1[(method, student)], top1.get((other, student), {}))
+            if d is not None:
+                out.append({"method": method, "baseline": other, "student": student, **d})
+    return out
+
+
+def retention(storage: Storage, sets: list[str]) -> list[dict]:
+    """Per synthetic set: how much of its real initial images the images keep (the recover manifest's
+    init_ssim, with what it compared them to) and the primary's final cross-entropy on them (CE
+    convergence); the random-real set, which has neither, is left out."""
+    out = []
+    for s in sets:
+        rows = [r for r in _table(storage, f"{recover_prefix(s)}/{COMBINED}") if r.get("loss_ce") is not None]
+        if not rows:
+            continue
+        values = [r["init_ssim"] for r in rows if r.get("init_ssim") is not None]
+        mean, std = mean_std(values) if values else (None, None)
+        refs = sorted({r["init_ssim_ref"] for r in rows if r.get("init_ssim_ref")})
+        out.append({"set": s, "reference": ",".join(refs) or None, "images": len(rows), "mean": mean, "std": std,
+                    "min": min(values) if values else None, "max": max(values) if values else None,
+                    "loss_ce": mean_std([r["loss_ce"] for r in rows])[0]})
+    return out
 
 
 def compute_by_stage(storage: Storage) -> list[dict]:
@@ -109,6 +149,52 @@ def diversity_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def accuracy_matrix(figures: dict) -> str:
+    """Top-1 by set (rows) and student architecture (columns): the cross-architecture view."""
+    students = list(dict.fromkeys(a["student"] for a in figures["accuracy"]))
+    sets = list(dict.fromkeys(a["set"] for a in figures["accuracy"]))
+    cell = {(a["set"], a["student"]): a for a in figures["accuracy"]}
+    lines = ["| set | " + " | ".join(students) + " |", "|---|" + "---|" * len(students)]
+    for s in sets:
+        cells = [f"{100 * cell[(s, st)]['top1_mean']:.2f} ± {100 * cell[(s, st)]['top1_std']:.2f}"
+                 if (s, st) in cell else "" for st in students]
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def paired_table(figures: dict) -> str:
+    if not figures["paired"]:
+        return "(no baseline to compare with)"
+    lines = ["Top-1 of the method minus the baseline, per student seed (the same seed trains a student of the "
+             "same initial weights on each set); mean and 95 % t interval (n - 1 degrees of freedom), in points:",
+             "", "| comparison | student | seeds | per-seed differences | mean | 95 % interval |",
+             "|---|---|---|---|---|---|"]
+    for p in figures["paired"]:
+        diffs = ", ".join(f"{100 * d:+.2f}" for d in p["diffs"])
+        interval = f"[{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]" if p["low"] is not None else "(one seed)"
+        lines.append(f"| {p['method']} − {p['baseline']} | {p['student']} | {p['n']} | {diffs} | "
+                     f"{100 * p['mean']:+.2f} | {interval} |")
+    return "\n".join(lines)
+
+
+def retention_table(figures: dict) -> str:
+    if not figures["retention"]:
+        return "(no retention figures: the recover manifests have no init_ssim column)"
+    lines = ["SSIM between each synthetic image and the k-th real training image of its class (k = its IPC "
+             "index): the image it started from for real init (`init`); for noise init (`kth_real`) an image "
+             "it never saw, the level of no retention. 1 = unchanged. Final CE: the primary's cross-entropy on "
+             "the images at the last iteration (CE convergence).", "",
+             "| set | compared with | images | mean SSIM | std | min | max | final CE |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def f(v: float | None) -> str:
+        return "" if v is None else f"{v:.3f}"
+    for r in figures["retention"]:
+        lines.append(f"| {r['set']} | {r['reference'] or ''} | {r['images']} | {f(r['mean'])} | {f(r['std'])} | "
+                     f"{f(r['min'])} | {f(r['max'])} | {r['loss_ce']:.4f} |")
+    return "\n".join(lines)
+
+
 def markdown(figures: dict) -> str:
     cfg = figures["config"]
     d, e = cfg["data"], cfg["evaluate"]
@@ -116,8 +202,12 @@ def markdown(figures: dict) -> str:
              f"Data: {d['dataset']} ({d['channels']}x{d['resolution']}x{d['resolution']}), IPC {cfg['recover']['ipc']}, "
              f"labels {cfg['relabel']['mode']} from {', '.join(cfg['relabel']['teachers']) or cfg['recover']['primary']}, "
              f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}).", "",
-             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), "",
+             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), ""]
+    if len({a["student"] for a in figures["accuracy"]}) > 1:
+        parts += ["Top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
+    parts += ["## Paired comparison", "", paired_table(figures), "",
              "## Diversity", "", diversity_table(figures), "", "![per-class diversity](diversity.png)", "",
+             "## Real-init retention", "", retention_table(figures), "",
              "## Samples (first image of each class per set)", "", "![samples](samples.png)", ""]
     if figures["teachers"]:
         parts += ["## Teachers (squeeze)", "", "| teacher | arch | val top-1 (%) | train images | seconds |",
@@ -191,8 +281,24 @@ def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> 
 TIMING_COLUMNS = ("train_seconds", "storage_retries")
 
 
+def archive_other_ipc(storage: Storage, ipc: int) -> None:
+    """A report made at another IPC (the run has grown since) moves to report/ipc<N>/, so it is not lost."""
+    try:
+        old = storage.read_json(f"{REPORT}/report.json").get("ipc")
+    except FileNotFoundError:
+        return
+    if old is None or old == ipc:
+        return
+    for key in storage.list(REPORT):
+        name = key.rsplit("/", 1)[-1]
+        if "." in name:  # files only; earlier archives are folders
+            storage.write_bytes(f"{REPORT}/ipc{old}/{name}", storage.read_bytes(key))
+            storage.delete(key)
+
+
 def write_report(storage: Storage) -> dict:
     figures = collect(storage)
+    archive_other_ipc(storage, figures["ipc"])
     results = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in figures["results"]]
     storage.write_table(f"{REPORT}/results.parquet", pa.Table.from_pylist(results))
     storage.write_bytes(f"{REPORT}/report.md", markdown(figures).encode())
@@ -208,12 +314,12 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
     stream = stream or sys.stdout
     figures = collect(storage)
     if as_json:
-        print(json.dumps({k: figures[k] for k in ("accuracy", "diversity", "teachers", "compute")}, indent=2),
-              file=stream)
+        print(json.dumps({k: figures[k] for k in ("accuracy", "paired", "diversity", "retention", "teachers",
+                                                  "compute")}, indent=2), file=stream)
         return 0
-    print(accuracy_table(figures), file=stream)
-    print("", file=stream)
-    print(diversity_table(figures), file=stream)
+    for table in (accuracy_table, paired_table, diversity_table, retention_table):
+        print(table(figures), file=stream)
+        print("", file=stream)
     return 0
 
 

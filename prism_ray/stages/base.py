@@ -135,24 +135,44 @@ class Stage(ABC):
     def config_key(self) -> str:
         return f"{self.prefix}/config.json"
 
-    def _fingerprint_json(self) -> dict:
+    def current_config(self) -> dict:
+        """The fingerprint as it is recorded (JSON types)."""
         return json.loads(json.dumps(self.fingerprint(), default=str))
 
-    def refuse_changed_config(self) -> None:
-        """Raise ConfigMismatch when committed outputs were made with another config; reads only."""
+    def config_change(self) -> ConfigChange | None:
+        """How the config differs from the one the committed outputs were made with (None: no difference, or
+        nothing committed yet, so the old record binds nothing). Reads only."""
         if not self.storage.exists(self.config_key):
-            return
-        recorded, current = self.storage.read_json(self.config_key), self._fingerprint_json()
-        if recorded != current and self.store.committed():  # nothing committed: the old record binds nothing
-            raise ConfigMismatch(self.name, diff_fields(recorded, current), self.storage.uri(self.prefix))
+            return None
+        recorded, current = self.storage.read_json(self.config_key), self.current_config()
+        if recorded == current or not self.store.committed():
+            return None
+        return classify_change(recorded, current)
+
+    def refuse_changed_config(self) -> ConfigChange | None:
+        """Raise ConfigMismatch for any change but a raised IPC (a set grows); return the change. Reads only."""
+        change = self.config_change()
+        if change is not None and (change.other or change.lowered):
+            raise ConfigMismatch(self.name, change.describe(), self.storage.uri(self.prefix))
+        return change
 
     def check_config(self, fresh: bool = False) -> None:
-        """Record this stage's config, or refuse when committed outputs were made with another one."""
+        """Record this stage's config, or refuse when committed outputs were made with another one.
+
+        One change is not refused: raising the IPC (a set grows). A recover shard depends on its IPC index,
+        class group, teachers and recover settings, not on the total IPC, so recover stages keep every
+        committed shard and run only the new IPC indices; later stages depend on whole sets and start over.
+        """
         if fresh:
             self.storage.delete(self.prefix)
-        else:
-            self.refuse_changed_config()
-        self.storage.write_json(self.config_key, self._fingerprint_json())
+        elif self.refuse_changed_config() is not None:  # the IPC grew
+            if self.kind == "recover":
+                # the combined manifest lists the smaller set: readers must wait for the grown one
+                self.storage.delete(f"{self.prefix}/{COMBINED}")
+            else:
+                # labels, students and diversity were made for the smaller sets: redo them
+                self.storage.delete(self.prefix)
+        self.storage.write_json(self.config_key, self.current_config())
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -162,6 +182,38 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
             out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
         return out
     return {prefix: obj}
+
+
+@dataclass
+class ConfigChange:
+    """How a stage's recorded fingerprint differs from the current one: IPC fields raised or lowered
+    (a field named 'ipc', e.g. recover.ipc), and every other differing field."""
+
+    grown: list[tuple[str, Any, Any]]
+    lowered: list[tuple[str, Any, Any]]
+    other: list[str]
+
+    @property
+    def is_growth(self) -> bool:
+        return bool(self.grown) and not self.lowered and not self.other
+
+    def describe(self) -> list[str]:
+        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink)."""
+        lowered = [f"{k} (lowered from {a} to {b}: a set can grow, not shrink)" for k, a, b in self.lowered]
+        return lowered + self.other + [f"{k} (raised from {a} to {b})" for k, a, b in self.grown
+                                       if self.other or self.lowered]
+
+
+def classify_change(recorded: dict, current: dict) -> ConfigChange:
+    fa, fb = flatten(recorded), flatten(current)
+    grown, lowered, other = [], [], []
+    for k in diff_fields(recorded, current):
+        a, b = fa.get(k), fb.get(k)
+        if k.rsplit(".", 1)[-1] == "ipc" and isinstance(a, int) and isinstance(b, int):
+            (grown if b > a else lowered).append((k, a, b))
+        else:
+            other.append(k)
+    return ConfigChange(grown, lowered, other)
 
 
 def diff_fields(a: dict, b: dict) -> list[str]:

@@ -167,7 +167,8 @@ class StudentWorker(Worker):
         p = unit.payload
         image_set = self.sets.get(p["set"])
         shape = ModelShape(st.context.num_classes, cfg.data.channels, cfg.data.resolution)
-        seed = derive_seed(cfg.run.seed, "student", p["set"], p["student"], p["seed"])
+        # not seeded by the set: seed n starts from the same weights on every set (a paired comparison)
+        seed = derive_seed(cfg.run.seed, "student", p["student"], p["seed"])
         model = build_student(p["student"], shape, seed)
         state = None
         try:  # a restarted unit resumes from its last checkpoint

@@ -12,8 +12,9 @@ import time
 import pyarrow as pa
 import torch
 
-from prism_ray.algo.encode import encode_pixels, file_extension
+from prism_ray.algo.encode import encode_pixels, file_extension, to_uint8
 from prism_ray.algo.seeding import derive_seed, generator
+from prism_ray.algo.similarity import ssim
 from prism_ray.algo.synthesize import ShardSpec, synthesize_shard
 from prism_ray.config import RANDOM_REAL, Config, RecoverConfig
 from prism_ray.data import build_dataset
@@ -28,7 +29,13 @@ IMAGE_SCHEMA = pa.schema([
     ("sha256", pa.string()), ("shard_id", pa.string()), ("seed", pa.int64()), ("primary_teacher", pa.string()),
     ("bn_teachers", pa.list_(pa.string())), ("bn_teacher_usage", pa.string()), ("iterations", pa.int32()),
     ("loss_ce", pa.float64()), ("loss_bn", pa.float64()), ("seconds", pa.float64()), ("source_index", pa.int64()),
+    ("init_ssim", pa.float64()), ("init_ssim_ref", pa.string()),
 ])
+# init_ssim: how much of a real image the synthetic image keeps (SSIM of the final pixels, algo/similarity.py)
+# against the k-th real training image of its class (k = its IPC index). init_ssim_ref says what that image
+# is: "init" when the image started from it (init real), "kth_real" when it started from noise (a reference
+# level: the same comparison for an image that never saw that real image). Empty for the random-real set.
+INIT_REF, KTH_REAL_REF = "init", "kth_real"
 
 
 def recover_prefix(set_name: str) -> str:
@@ -111,16 +118,38 @@ class RecoverWorker(Worker):
         k, classes = unit.payload["ipc_index"], unit.payload["class_ids"]
         spec = ShardSpec(unit.id, k, tuple(classes), derive_seed(st.cfg.run.seed, "recover", st.set_name, unit.id))
         init = self.data.images_at(classes, k) if st.rc.init == "real" else None
-        return synthesize_shard(self.pool, spec, st.rc, self.data.normalization, init, self.device, shape=self.shape)
+        result = synthesize_shard(self.pool, spec, st.rc, self.data.normalization, init, self.device,
+                                  shape=self.shape)
+        return result, self.retention(classes, k, result.images, init)
 
-    def commit(self, unit: Unit, result) -> dict:
+    def retention(self, classes: list[int], k: int, images: torch.Tensor,
+                  init: torch.Tensor | None) -> list[tuple[float | None, str | None]]:
+        """(init_ssim, init_ssim_ref) per image: SSIM of its 8-bit pixels to the k-th real image of its class."""
+        ref = INIT_REF if init is not None else KTH_REAL_REF
+        have = [i for i, c in enumerate(classes) if k < self.data.count(c)]  # noise init may exceed a class
+        out: list[tuple[float | None, str | None]] = [(None, None)] * len(classes)
+        if not have:
+            return out
+        real = init if init is not None else self.data.images_at([classes[i] for i in have], k)
+        norm = self.data.normalization
+        # the pixels as saved (8 bits; before JPEG, whose loss would count as lost content)
+        scores = ssim(to_uint8(images[have], norm) / 255.0, to_uint8(real, norm) / 255.0).tolist()
+        for i, v in zip(have, scores):
+            out[i] = (float(v), ref)
+        return out
+
+    def commit(self, unit: Unit, computed) -> dict:
+        result, retention = computed
         outputs, rows = [], []
-        for data, record in zip(result.encoded, result.records):
+        for data, record, (score, ref) in zip(result.encoded, result.records, retention):
             outputs.append((image_path(record.class_id, record.ipc_index, result.extension), data))
-            rows.append({**record.to_row(), "source_index": None})
+            rows.append({**record.to_row(), "source_index": None, "init_ssim": score, "init_ssim_ref": ref})
         committed = self.stage.store.commit(unit.id, outputs, rows, schema=IMAGE_SCHEMA)
         return {"images": len(outputs), "committed": committed.committed, "seconds": result.seconds,
                 "loss_ce": sum(r.loss_ce for r in result.records) / len(result.records)}
+
+
+LAYOUT = "one unit per ipc index x class group"  # random real; earlier runs had one unit per class group
 
 
 class RandomRealStage(Stage):
@@ -135,16 +164,16 @@ class RandomRealStage(Stage):
         return recover_prefix(RANDOM_REAL)
 
     def units(self) -> list[Unit]:
-        # Same shard layout as recover, so that `status` reads the same; no compute to spread, though.
-        return plan_shards(self.context.num_classes, 1, self.cfg.recover.class_group)
+        # The recover layout (IPC index x class group): raising the IPC adds units and leaves the others be.
+        return plan_shards(self.context.num_classes, self.cfg.recover.ipc, self.cfg.recover.class_group)
 
     def images_per_unit(self, unit: Unit) -> int:
-        return len(unit.payload["class_ids"]) * self.cfg.recover.ipc
+        return len(unit.payload["class_ids"])
 
     def fingerprint(self) -> dict:
         rc = self.cfg.recover
         return {"seed": self.cfg.run.seed, "data": data_fingerprint(self.cfg), "ipc": rc.ipc,
-                "image_format": rc.image_format, "jpeg_quality": rc.jpeg_quality}
+                "image_format": rc.image_format, "jpeg_quality": rc.jpeg_quality, "layout": LAYOUT}
 
     def open_worker(self) -> Worker:
         return RandomRealWorker(self)
@@ -156,7 +185,11 @@ class RandomRealWorker(Worker):
         self.data = build_dataset(stage.cfg.data, "train", stage.cfg.storage, index=stage.context.index_uri)
 
     def picks(self, class_id: int) -> list[int]:
-        """The class's chosen image numbers (k in 'k-th image of the class'), seeded per class."""
+        """The class's chosen image numbers (k in 'k-th image of the class'), seeded per class.
+
+        A prefix of one seeded permutation of the class: a set grown from IPC 10 to 50 keeps its first 10
+        picks, image for image.
+        """
         g = generator(self.stage.cfg.run.seed, RANDOM_REAL, class_id)
         return torch.randperm(self.data.count(class_id), generator=g)[: self.stage.cfg.recover.ipc].tolist()
 
@@ -166,12 +199,13 @@ class RandomRealWorker(Worker):
         outputs, rows = [], []
         ext = file_extension(rc.image_format)
         seed = derive_seed(self.stage.cfg.run.seed, RANDOM_REAL)
+        ipc_index = unit.payload["ipc_index"]
         for c in unit.payload["class_ids"]:
-            for ipc_index, k in enumerate(self.picks(c)):
-                pixels = (self.data.pixels_at([c], k)[0] * 255).round().to(torch.uint8)
-                outputs.append((image_path(c, ipc_index, ext), encode_pixels(pixels, rc.image_format, rc.jpeg_quality)))
-                rows.append({"class_id": c, "ipc_index": ipc_index, "seed": seed, "iterations": 0,
-                             "source_index": self.data.source_index(c, k), "bn_teachers": []})
+            k = self.picks(c)[ipc_index]
+            pixels = (self.data.pixels_at([c], k)[0] * 255).round().to(torch.uint8)
+            outputs.append((image_path(c, ipc_index, ext), encode_pixels(pixels, rc.image_format, rc.jpeg_quality)))
+            rows.append({"class_id": c, "ipc_index": ipc_index, "seed": seed, "iterations": 0,
+                         "source_index": self.data.source_index(c, k), "bn_teachers": []})
         seconds = time.perf_counter() - t0
         for r in rows:
             r["seconds"] = seconds / len(rows)
