@@ -45,7 +45,9 @@ alive() {  # alive PIDFILE: the recorded process still runs and is the `ray star
   [ -f "$1" ] || return 1
   pid="$(cat "$1")"
   kill -0 "$pid" 2>/dev/null || return 1
-  tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null | grep -q -- "start --block" || return 1
+  local cmd
+  cmd="$(tr '\0' ' ' < "/proc/$pid/cmdline" 2>/dev/null)" || return 1
+  case "$cmd" in *" start "*"--block"*) return 0 ;; *) return 1 ;; esac
 }
 
 submit_line() {
@@ -93,10 +95,12 @@ up() {
   if [ ! -s "$state/auth_token" ]; then
     (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$state/auth_token")
   fi
-  # The head binds to loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as its address.
+  # The head binds to loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as its address. Ports
+  # with fixed defaults (agent 52365, client 10001) are picked free: another Ray on this machine may hold them.
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 \
     --node-name=local-head --port="$GCS_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --metrics-export-port="$METRICS_PORT" --num-cpus=0 --num-gpus=0 --temp-dir="$ray_tmp/head" \
+    --dashboard-agent-listen-port="$(free_port)" --ray-client-server-port="$(free_port)" \
     > "$state/head.log" 2>&1 < /dev/null &
   echo $! > "$state/head.pid"
   wait_for 120 "the head's job server coming up" dashboard_up || { down; return 1; }

@@ -51,6 +51,7 @@ def local_cluster(tmp_path_factory):
     finally:
         down = subprocess.run([str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=300)
         assert down.returncode == 0, down.stderr
+        assert pids == [] or f"({len(pids)} node(s) stopped)" in down.stdout, down.stdout
         for pid in pids:  # exactly the processes it started are gone
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
 
@@ -131,7 +132,7 @@ def test_job_stop_ends_the_driver_cleanly_and_a_rerun_finishes(local_cluster, tm
     stop = _ray(local_cluster, "job", "stop", "--address", local_cluster["address"], job_id, timeout=300)
     assert stop.returncode == 0, stop.stderr
     status = _ray(local_cluster, "job", "status", "--address", local_cluster["address"], job_id)
-    assert "STOPPED" in status.stdout + status.stderr
+    assert "was stopped" in status.stdout + status.stderr
     logs = _ray(local_cluster, "job", "logs", "--address", local_cluster["address"], job_id).stdout
     (line,) = [x for x in logs.splitlines() if x.startswith("prism-ray: stopped by SIGTERM")]
     assert "during recover/prism: " in line and "of 32 shards committed" in line and "rerun the same command" in line
