@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from collections import Counter
 
 import pytest
 import ray
@@ -89,6 +90,20 @@ def test_nodes_removed_twice_leave_every_shard_once(ray_cluster, tmp_path):
     check_exactly_once(storage, "prism", 20, 40)
 
 
+def _autoscaler_request() -> dict:
+    """The resources this cluster was asked to make room for (`request_resources`): bundle shape -> count."""
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return {tuple(sorted(r.bundle.items())): r.count
+                for d in status.resource_demands.cluster_constraint_demand for r in d.bundles_by_count}
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return dict(Counter(tuple(sorted(b.items())) for b in json.loads(raw or "[]")))
+
+
 def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     c = ray_cluster(gpu_nodes=1)
     cfg = recover_config(str(tmp_path / "run"), ipc=20, iterations=100,
@@ -96,6 +111,9 @@ def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     stage, storage, thread, result = start_stage_thread(cfg)
     count = lambda n: lambda: len(worker_actors()) == n  # noqa: E731
     wait_until(count(1), what="one worker on the one GPU node")
+    # room for ray.max_workers workers is asked of the autoscaler while the queue is long, and withdrawn at the end
+    shape = (("CPU", 0.5), ("GPU", 1.0))
+    wait_until(lambda: _autoscaler_request() == {shape: 3}, what="a request for room for three workers")
     second = add_gpu_node(c)
     wait_until(count(2), what="a second worker on the node that joined")
     add_gpu_node(c)
@@ -107,6 +125,7 @@ def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     assert (report.nodes_joined, report.nodes_left) == (2, 1)
     assert report.workers_started >= 3 and report.workers_lost >= 1
     assert worker_actors() == []  # the queue drained: every worker ended
+    assert _autoscaler_request() == {}
     check_exactly_once(storage, "prism", 40, 80)
 
 
