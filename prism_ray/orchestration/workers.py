@@ -156,8 +156,8 @@ class WorkerPool:
         self._requested: Optional[int] = None  # workers' worth of resources asked of the autoscaler
         self._start_deaths = 0
         self._options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                       max_concurrency=cfg.in_flight_per_worker, max_restarts=0, max_task_retries=0,
-                       scheduling_strategy="SPREAD", namespace=cfg.namespace)
+                             max_concurrency=cfg.in_flight_per_worker, max_restarts=0, max_task_retries=0,
+                             scheduling_strategy="SPREAD", namespace=cfg.namespace)
         if cfg.memory_per_worker:
             self._options["memory"] = int(cfg.memory_per_worker * 2**30)
         self._actor_cls = ray.remote(StageActor)
@@ -199,8 +199,8 @@ class WorkerPool:
         sid = self._next_sid
         self._next_sid += 1
         name = f"{self.stage.cfg.run.name}/{self.stage.name}/worker-{sid}/{self.tag}"
-        actor = self._actor_cls.options(name=name, **self._options).remote(self.stage, name, self.cfg.cpus_per_worker,
-                                                           self.cfg.gpus_per_worker, self.check_gpu)
+        actor = self._actor_cls.options(name=name, **self._options).remote(
+            self.stage, name, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker, self.check_gpu)
         member = Member(sid, name, actor, actor.ready.remote())
         self.members[sid] = member
         self.run.report.workers_started += 1
@@ -226,7 +226,7 @@ class WorkerPool:
             info = ray.get(member.ready_ref)
         except ray.exceptions.RayActorError as e:
             if e.actor_init_failed:  # the actor could not even be built there (e.g. prism_ray not installed)
-                self._fail_start({"node_ip": "?", "node_id": "?", "error": one_line(_cause(e)),
+                self._fail_start({"node_ip": None, "node_id": None, "error": one_line(_cause(e)),
                                   "traceback": str(e)})
             self._start_deaths += 1
             self._drop(member)
@@ -255,8 +255,8 @@ class WorkerPool:
         except Exception as e:  # noqa: BLE001 - the error itself matters more than its log
             where = f" (traceback not saved: {one_line(e)[:200]})"
         self.close()
-        raise StageError(f"{self.stage.name}: a worker could not start on node {info['node_ip']}: "
-                         f"{info['error']}{where}")
+        on = f" on node {info['node_ip']}" if info["node_ip"] else ""
+        raise StageError(f"{self.stage.name}: a worker could not start{on}: {info['error']}{where}")
 
     def lost(self, member: Member, error: BaseException) -> None:
         """A worker died under its units (killed, node lost, preempted): drop it; `resize` starts another."""
