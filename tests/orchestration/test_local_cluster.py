@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import urllib.request
@@ -54,6 +55,9 @@ def local_cluster(tmp_path_factory):
         assert pids == [] or f"({len(pids)} node(s) stopped)" in down.stdout, down.stdout
         for pid in pids:  # exactly the processes it started are gone
             assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text().lower()
+        # the nodes' Ray temp folders (logs), named by the script after its state folder
+        checksum = subprocess.run(["cksum"], input=str(state), capture_output=True, text=True).stdout.split()[0]
+        shutil.rmtree(f"/tmp/prism-ray-local-{checksum}", ignore_errors=True)
 
 
 def _config(tmp_path, **kwargs) -> Path:
