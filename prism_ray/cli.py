@@ -1,7 +1,8 @@
 """`prism-ray`: run the pipeline or one stage of it, plan a run, and read a run's status and report.
 
 Exit codes: 0 done, 1 some units failed (the message names them and how to resume), 2 a problem to fix
-before anything can run (config, data, storage, teachers), 130 interrupted.
+before anything can run (config, data, storage, teachers), 128 + N stopped by signal N (130 Ctrl-C,
+143 SIGTERM from `ray job stop`): committed units are kept and a rerun finishes the rest.
 """
 from __future__ import annotations
 
@@ -62,6 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("run_uri", help="the run's output URI (run.output)")
         p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
         p.add_argument("--json", action="store_true")
+        if name == "status":
+            p.add_argument("--watch", action="store_true",
+                           help="refresh from storage until the run completes (exit 0), or stops with failed units "
+                                "(exit 1)")
+            p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between refreshes (5)")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
@@ -74,12 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from prism_ray.orchestration.stopping import Interrupted
+
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except _expected_errors() as e:
         print(f"prism-ray: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Interrupted as e:
+        print(f"prism-ray: {e.summary()}", file=sys.stderr, flush=True)
+        return e.exit_code
     except KeyboardInterrupt:
         print("prism-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -96,6 +107,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         from prism_ray.storage import Storage
         storage = Storage(args.run_uri, StorageConfig(endpoint_url=args.endpoint_url))
         if args.command == "status":
+            if args.watch:
+                if args.interval <= 0:
+                    raise ConfigError("--interval", f"got {args.interval:g}; allowed: > 0")
+                return status.watch(storage, interval=args.interval, as_json=args.json)
             return status.print_status(storage, as_json=args.json)
         from prism_ray import report
         return report.print_report(storage, as_json=args.json)
@@ -143,8 +158,9 @@ def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = 
     failed = [r for r in reports if not r.complete]
     for r in reports:
         if not quiet:
+            cluster = r.cluster_line()
             print(f"{r.stage}: {r.ran} run, {r.skipped} already committed, {len(r.failed)} failed "
-                  f"({r.seconds:.1f} s)", file=sys.stderr)
+                  f"({r.seconds:.1f} s)" + (f"; {cluster}" if cluster else ""), file=sys.stderr)
     if failed:
         r = failed[0]
         names = ", ".join(sorted(r.failed)) or "(none recorded)"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import re
 from dataclasses import dataclass, field
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 RANDOM_REAL = "random_real"
@@ -181,13 +181,26 @@ class EvaluateConfig:
 @dataclass
 class RayConfig:
     address: Optional[str] = _f(None, doc="empty = start a local Ray; 'auto' or ray://host:port = join a cluster")
-    workers: int = _f(2, ge=1)
+    workers: Union[int, Literal["auto"]] = _f(
+        2, doc="a number (those that cannot be placed wait), or 'auto': one per free slot of the worker's shape, "
+               "growing as nodes join, up to max_workers")
+    max_workers: Optional[int] = _f(None, ge=1, doc="workers: auto only: at most this many (empty = the units left)")
     gpus_per_worker: float = _f(0.0, ge=0)
     cpus_per_worker: float = _f(1.0, gt=0)
+    memory_per_worker: Optional[float] = _f(None, gt=0, doc="GiB of host memory each worker reserves (Ray 'memory')")
     in_flight_per_worker: int = _f(2, ge=1, doc="units queued per worker so uploads overlap the next compute")
     max_attempts: int = _f(3, ge=1, doc="attempts per unit before it is recorded as failed")
     num_cpus: Optional[int] = _f(None, ge=1, doc="local Ray only: CPUs it may use")
     namespace: str = "prism-ray"
+
+    def worker_shape(self) -> dict[str, float]:
+        """The resources one worker reserves, as Ray names them (what a free slot must hold)."""
+        shape = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker:
+            shape["GPU"] = self.gpus_per_worker
+        if self.memory_per_worker:
+            shape["memory"] = self.memory_per_worker * 2**30
+        return shape
 
 
 @dataclass
@@ -323,6 +336,10 @@ def validate(cfg: Config) -> None:
                               f"unknown architecture {arch!r}; allowed: {', '.join(sorted(ARCHITECTURES))}")
     if cfg.evaluate.diversity_network is not None:
         known("evaluate.diversity_network", cfg.evaluate.diversity_network)
+    if cfg.ray.workers != "auto" and cfg.ray.workers < 1:
+        raise ConfigError("ray.workers", f"got {cfg.ray.workers!r}; allowed: >= 1 or 'auto'")
+    if cfg.ray.max_workers is not None and cfg.ray.workers != "auto":
+        raise ConfigError("ray.max_workers", "applies only with ray.workers: auto (a fixed ray.workers is the count)")
     if cfg.ray.gpus_per_worker > 1 and cfg.ray.gpus_per_worker != int(cfg.ray.gpus_per_worker):
         raise ConfigError("ray.gpus_per_worker", "fractions are allowed only below 1 (e.g. 0.5), else whole GPUs")
     known_classes = cfg.data.classes or (10 if d.dataset == "fashion_mnist" else None)

@@ -136,7 +136,8 @@ def _type_name(tp: Any) -> str:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(_type_name(a) for a in args) + " or empty"
+        optional = len(args) < len(typing.get_args(tp))
+        return " or ".join(_type_name(a) for a in args) + (" or empty" if optional else "")
     if origin is list:
         return f"a list of {_type_name(typing.get_args(tp)[0])}"
     if origin is dict or tp is dict:
@@ -154,7 +155,14 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        return _convert(args[0], value, path)
+        if len(args) == 1:
+            return _convert(args[0], value, path)
+        for arg in args:  # e.g. ray.workers: a number or 'auto'
+            try:
+                return _convert(arg, value, path)
+            except ConfigError:
+                pass
+        raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         # True == 1 in Python: a choice matches only a value of its own kind (bool or not)

@@ -1,8 +1,10 @@
 """`prism-ray status`: per stage, what is planned, committed, missing and failed, from storage alone."""
 from __future__ import annotations
 
+import io
 import json
 import sys
+import time
 
 from prism_ray.config import STAGES
 from prism_ray.runs import RUN_RECORD
@@ -49,9 +51,9 @@ def run_status(storage: Storage) -> dict:
     return {"run": storage.uri(), "name": record.get("config", {}).get("run", {}).get("name"), "stages": stages}
 
 
-def print_status(storage: Storage, as_json: bool = False, stream=None) -> int:
+def print_status(storage: Storage, as_json: bool = False, stream=None, status: dict | None = None) -> int:
     stream = stream or sys.stdout
-    st = run_status(storage)
+    st = status if status is not None else run_status(storage)
     if as_json:
         print(json.dumps(st, indent=2), file=stream)
         return 0
@@ -70,3 +72,63 @@ def print_status(storage: Storage, as_json: bool = False, stream=None) -> int:
     if not st["stages"]:
         print("no stage has started yet", file=stream)
     return 0
+
+
+def run_outcome(st: dict) -> str | None:
+    """'complete' once every planned stage is committed; 'failed' once the first unfinished stage has a failure
+    record for every missing unit (its driver has given up on them); None while the run may still progress."""
+    stages = st["stages"]
+    if stages and all(s["complete"] for s in stages):
+        return "complete"
+    first = next((s for s in stages if not s["complete"]), None)
+    if first and first["failed"] >= first["missing"] > 0:  # failure records are kept for missing units only
+        return "failed"
+    return None
+
+
+def watch(storage: Storage, interval: float = 5.0, as_json: bool = False, stream=None,
+          sleep=time.sleep) -> int:
+    """Print the status again whenever it changes, until the run completes (0) or stops with failed units (1).
+
+    On a terminal the table is redrawn in place; elsewhere (a log) each change is a new block with its time.
+    Before the run has written its record, this waits for it.
+    """
+    try:
+        return _watch(storage, interval, as_json, stream or sys.stdout, sleep)
+    except KeyboardInterrupt:  # stopping a watch is not an error; the run goes on without it
+        return 130
+
+
+def _watch(storage: Storage, interval: float, as_json: bool, stream, sleep) -> int:
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    last, said_waiting = None, False
+    while True:
+        if not storage.exists(RUN_RECORD):
+            if not said_waiting:
+                print(f"no run at {storage.uri()} yet; waiting for it to start (Ctrl-C to stop)", file=stream,
+                      flush=True)
+                said_waiting = True
+            sleep(interval)
+            continue
+        st = run_status(storage)
+        buf = io.StringIO()
+        if as_json:
+            buf.write(json.dumps(st, sort_keys=True) + "\n")
+        else:
+            print_status(storage, stream=buf, status=st)
+        text = buf.getvalue()
+        if text != last:
+            if tty and not as_json:
+                stream.write("\x1b[H\x1b[2J")  # redraw in place
+            if not as_json:
+                stream.write(f"-- {time.strftime('%H:%M:%S')}\n")
+            stream.write(text)
+            stream.flush()
+            last = text
+        outcome = run_outcome(st)
+        if outcome:
+            if not as_json:
+                print(f"run {outcome}" + (": fix the cause and rerun to finish the failed units"
+                                          if outcome == "failed" else ""), file=stream, flush=True)
+            return 0 if outcome == "complete" else 1
+        sleep(interval)

@@ -17,14 +17,18 @@ LOOPBACK = "127.0.0.1"
 def ray_session(cfg: RayConfig) -> Iterator[None]:
     """Use the Ray this process is already connected to, else start a local one or join `cfg.address`.
 
-    A local instance binds to loopback only: it is for one machine, and must not open ports outward.
+    A local instance binds to loopback only: it is for one machine, and must not open ports outward. While the
+    session lasts, SIGTERM and SIGINT ask the dispatch loop to stop (see `stopping`).
     """
     if cfg.address and cfg.address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
         _keep_loopback_addresses()
     import ray
 
+    from prism_ray.orchestration import stopping
+
     if ray.is_initialized():
-        yield
+        with stopping.installed():
+            yield
         return
     kwargs = dict(namespace=cfg.namespace, logging_level=logging.WARNING, log_to_driver=True)
     try:
@@ -43,10 +47,16 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             raise StageError(f"Ray at {cfg.address!r} requires a token: set RAY_AUTH_MODE=token and the token "
                              f"(~/.ray/auth_token or RAY_AUTH_TOKEN) ({text})") from None
         raise
+    stopped = False
     try:
-        yield
+        with stopping.installed():  # after ray.init: it replaces Ray's handler, which dumps a stack on SIGTERM
+            yield
+    except stopping.Interrupted:
+        stopped = True
+        raise
     finally:
-        ray.shutdown()
+        if not stopped:  # when stopped, Ray's exit hook shuts down after the CLI's line: SIGKILL may be 3 s away
+            ray.shutdown()
 
 
 def _keep_loopback_addresses() -> None:

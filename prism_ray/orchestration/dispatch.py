@@ -1,53 +1,35 @@
 """The one dispatch loop: a stage's units over a pool of Ray actors, for every stage.
 
-Each actor opens the stage's worker once (teachers, data) and keeps it. The driver keeps at most
-`in_flight_per_worker` units queued per actor; an actor runs one unit's compute at a time while the
-previous unit's upload finishes on another thread. A unit whose code raises is retried up to
-`max_attempts` times, then recorded as failed while the others go on. A unit whose actor died (killed,
-node lost) is requeued and the actor replaced. Only small summaries travel back to the driver: outputs
-go from the actor straight to storage.
+One `ray.wait` covers both unit results and workers becoming ready, so each worker gets units the moment
+it is ready and a worker still waiting for room (or for the autoscaler) holds nobody back. Every few
+seconds the loop looks at the cluster: it starts workers where there is room (`ray.workers: auto`) or
+replaces lost ones, and counts the nodes that joined and left. A worker gets at most
+`in_flight_per_worker` units, so one unit's upload overlaps the next one's compute. A unit whose code
+raises is retried up to `max_attempts` times, then recorded as failed while the others go on. A unit
+whose worker died (killed, node lost, preempted) is requeued without counting an attempt; only a unit
+whose worker dies repeatedly on a live node is failed. When the queue drains, idle workers end. A stop
+signal (see `stopping`) ends the workers and raises `Interrupted`. Only small summaries travel back to
+the driver: outputs go from the actor straight to storage.
 """
 from __future__ import annotations
 
-import threading
+import time
 import uuid
 from collections import Counter, deque
-from dataclasses import dataclass
 
 import ray
 
 from prism_ray.config import RayConfig
-from prism_ray.orchestration.cluster import set_torch_threads
-from prism_ray.orchestration.progress import Progress, StageReport, StageRun, describe_error, failure_kind
-from prism_ray.stages.base import Stage, StageError, Unit
+from prism_ray.orchestration import stopping
+from prism_ray.orchestration.metrics import StageMetrics
+from prism_ray.orchestration.progress import StageReport, StageRun, describe_error, failure_kind
+from prism_ray.orchestration.workers import ClusterWatch, Member, WorkerPool
+from prism_ray.stages.base import Stage, Unit
 
-DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often is failed rather than requeued forever
-
-
-class StageActor:
-    """Holds one stage worker; `run` may be called concurrently, computes are serialised."""
-
-    def __init__(self, stage: Stage, cpus: float):
-        set_torch_threads(cpus)
-        self._compute_lock = threading.Lock()
-        self.worker = stage.open_worker()
-
-    def ready(self) -> str:
-        return ray.get_runtime_context().get_node_id()
-
-    def run(self, unit: Unit) -> dict:
-        with self._compute_lock:
-            computed = self.worker.compute(unit)
-        summary = self.worker.commit(unit, computed)
-        summary["node"] = ray.get_runtime_context().get_node_id()
-        return summary
-
-
-@dataclass
-class _Slot:
-    actor: object
-    generation: int
-    in_flight: int = 0
+DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often on a live node is failed, not requeued forever
+TICK_SECONDS = 1.0  # longest wait for a result: how soon a stop signal is acted on
+WATCH_SECONDS = 2.0  # how often the cluster's nodes and free resources are read
+NOTE_SECONDS = 30.0  # how often to say that workers are waiting for room
 
 
 def _unwrap(e: ray.exceptions.RayTaskError) -> BaseException:
@@ -59,99 +41,101 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
     """Run every uncommitted unit of `stage` on Ray actors; return what happened."""
     run = StageRun(stage, quiet=quiet)
     report, progress = run.report, run.progress
-    queue = deque(run.todo)
+    queue: deque[Unit] = deque(run.todo)
     if not queue:
         return run.finish()
 
-    actor_cls = ray.remote(StageActor)
-    actor_options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                         max_concurrency=cfg.in_flight_per_worker, max_restarts=0, max_task_retries=0,
-                         scheduling_strategy="SPREAD", namespace=cfg.namespace)
-    tag = uuid.uuid4().hex[:6]
-    run_name = stage.cfg.run.name
-
-    def start_actor(slot: int, generation: int):
-        name = f"{run_name}/{stage.name}/worker-{slot}.{generation}/{tag}"
-        return actor_cls.options(name=name, **actor_options).remote(stage, cfg.cpus_per_worker)
-
-    n_workers = min(cfg.workers, len(queue))
-    slots = {i: _Slot(start_actor(i, 0), 0) for i in range(n_workers)}
-    _wait_ready(slots, cfg, progress)
+    pool = WorkerPool(stage, cfg, run, tag=uuid.uuid4().hex[:6])
+    cluster = ClusterWatch(run)
+    metrics = StageMetrics(stage.cfg.run.name, stage.name)
+    in_flight: dict = {}  # ObjectRef -> (member, unit)
     attempts: Counter = Counter()
     deaths: Counter = Counter()
-    in_flight: dict = {}  # ObjectRef -> (slot id, generation, unit)
+    next_watch = next_note = 0.0
+    lost = []  # workers lost since the last resize: replace them now rather than at the next watch
 
-    try:
-        while queue or in_flight:
-            for sid, slot in slots.items():
-                while queue and slot.in_flight < cfg.in_flight_per_worker:
+    def requeue(unit: Unit) -> None:
+        queue.appendleft(unit)
+        report.requeued += 1
+        metrics.unit_requeued()
+
+    def dispatch() -> None:
+        ready = pool.ready()
+        for depth in range(1, cfg.in_flight_per_worker + 1):  # one unit per worker before a second to any
+            for member in ready:
+                if queue and member.in_flight < depth:
                     unit = queue.popleft()
-                    ref = slot.actor.run.remote(unit)
-                    in_flight[ref] = (sid, slot.generation, unit)
-                    slot.in_flight += 1
+                    in_flight[member.actor.run.remote(unit)] = (member, unit)
+                    member.in_flight += 1
                     run.attempt()
-            ready, _ = ray.wait(list(in_flight), num_returns=1)
-            for ref in ready:
-                sid, generation, unit = in_flight.pop(ref)
-                slot = slots[sid]
-                if slot.generation == generation:
-                    slot.in_flight -= 1
-                try:
-                    summary = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # the unit's own code raised
-                    attempts[unit.id] += 1
-                    cause = _unwrap(e)
-                    if run.raised(unit, describe_error(cause), attempts[unit.id], cfg.max_attempts,
-                                  kind=failure_kind(cause)):
-                        queue.append(unit)
-                    continue
-                except ray.exceptions.RayError as e:  # the actor died under it: not the unit's fault
-                    deaths[unit.id] += 1
-                    if deaths[unit.id] >= max(DEATHS_BEFORE_FAILING, cfg.max_attempts):
-                        run.fail(unit, f"worker died {deaths[unit.id]} times running it ({type(e).__name__})",
-                             deaths[unit.id])
-                    else:
-                        queue.appendleft(unit)
-                    if slot.generation == generation:  # replace the actor once, not once per lost unit
-                        report.workers_lost += 1
-                        progress.note(f"worker {sid} lost ({type(e).__name__}); starting a replacement, "
-                                      f"requeueing its {stage.unit_noun}s")
-                        _kill(slot.actor)
-                        slots[sid] = _Slot(start_actor(sid, generation + 1), generation + 1)
-                    continue
-                run.done(unit, summary)
-    finally:
-        for slot in slots.values():
-            _kill(slot.actor)
-    return run.finish()
 
-
-def _wait_ready(slots: dict, cfg: RayConfig, progress: Progress, note_every: float = 30.0) -> None:
-    """Wait until every worker has loaded what it needs; say so while resources are missing, and fail fast,
-    with the worker's own message, when workers cannot start at all (missing teachers, bad data...)."""
-    refs = [slot.actor.ready.remote() for slot in slots.values()]
-    pending = refs
-    while pending:
-        ready, pending = ray.wait(pending, num_returns=len(pending), timeout=note_every)
+    def finished(ref) -> None:
+        member, unit = in_flight.pop(ref)
+        member.in_flight -= 1
         try:
-            ray.get(ready)
-        except ray.exceptions.RayActorError as e:
-            cause = getattr(e, "cause", None) or getattr(e, "error_msg", None) or e
-            if isinstance(cause, ray.exceptions.RayTaskError):
-                cause = _unwrap(cause)
-            for slot in slots.values():
-                _kill(slot.actor)
-            msg = describe_error(cause) if isinstance(cause, BaseException) else str(cause)
-            raise StageError(f"workers could not start: {msg}") from None
-        if pending:
-            free = ray.available_resources()
-            progress.note(f"waiting for {len(pending)} of {len(refs)} workers to start (each needs "
-                          f"{cfg.cpus_per_worker:g} CPU, {cfg.gpus_per_worker:g} GPU; free now: "
-                          f"{free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU)")
+            summary = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:  # the unit's own code raised (or its commit gave up)
+            attempts[unit.id] += 1
+            cause = _unwrap(e)
+            if run.raised(unit, describe_error(cause), attempts[unit.id], cfg.max_attempts, kind=failure_kind(cause)):
+                queue.append(unit)
+            else:
+                metrics.unit_failed()
+            return
+        except ray.exceptions.RayError as e:  # its worker died under it: not the unit's fault
+            node_lost = getattr(e, "preempted", False) or member.node_id not in cluster.poll()
+            if not node_lost:
+                deaths[unit.id] += 1
+            if deaths[unit.id] >= max(DEATHS_BEFORE_FAILING, cfg.max_attempts):
+                run.fail(unit, f"worker died {deaths[unit.id]} times running it ({type(e).__name__})", deaths[unit.id])
+                metrics.unit_failed()
+            else:
+                requeue(unit)
+            pool.lost(member, e)
+            lost.append(member)
+            return
+        run.done(unit, summary)
+        metrics.unit_done(int(summary.get("images", 0)), summary.get("unit_seconds"))
 
-
-def _kill(actor) -> None:
     try:
-        ray.kill(actor, no_restart=True)
-    except Exception:  # noqa: BLE001 - already gone is fine
-        pass
+        with stopping.polling():
+            while queue or in_flight:
+                signum = stopping.requested()
+                if signum is not None:
+                    raise stopping.Interrupted(signum, report, stage.unit_noun)
+                now = time.monotonic()
+                if now >= next_watch:
+                    cluster.poll()
+                    pool.resize(len(queue))
+                    next_watch = now + WATCH_SECONDS
+                if (pool.starting() or not pool.members) and now >= next_note:
+                    if next_note:  # not at the very start: workers take a moment to come up
+                        progress.note(pool.waiting_note())
+                    next_note = now + NOTE_SECONDS
+                dispatch()
+                if not queue:
+                    pool.end_idle()
+                metrics.state(len(in_flight), len(pool.ready()))
+                starting = pool.starting()
+                waitlist = list(in_flight) + list(starting)
+                if not waitlist:  # nothing placed yet: wait for room (auto) without spinning
+                    time.sleep(TICK_SECONDS)
+                    continue
+                done, rest = ray.wait(waitlist, num_returns=1, timeout=TICK_SECONDS)
+                if done and rest:  # take everything else that is already back, in one go
+                    more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+                    done += more
+                for ref in done:
+                    if ref in starting:
+                        member: Member = starting[ref]
+                        if pool.owns(member) and not pool.started(member):
+                            lost.append(member)
+                    else:
+                        finished(ref)
+                if lost:
+                    lost.clear()
+                    next_watch = 0.0
+    finally:
+        pool.close()
+        metrics.state(0, 0)
+    return run.finish()

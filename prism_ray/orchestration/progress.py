@@ -22,7 +22,11 @@ class StageReport:
     duplicates: int = 0  # finished again by a late attempt after another had committed (outputs unchanged)
     failed: dict[str, str] = field(default_factory=dict)  # unit id -> last error
     attempts: int = 0
-    workers_lost: int = 0  # actors that died (killed, node lost) and were replaced
+    workers_started: int = 0  # Ray executor: actors started (the first ones and every replacement)
+    workers_lost: int = 0  # actors that died (killed, node lost, preempted) and were replaced
+    requeued: int = 0  # units handed back to the queue because their worker was lost (no attempt counted)
+    nodes_joined: int = 0  # nodes that joined the cluster while the stage ran
+    nodes_left: int = 0  # nodes that left (removed, preempted) while the stage ran
     images: int = 0
     seconds: float = 0.0
 
@@ -33,8 +37,16 @@ class StageReport:
     def to_json(self) -> dict:
         return {"stage": self.stage, "total": self.total, "skipped": self.skipped, "ran": self.ran,
                 "duplicates": self.duplicates, "failed": self.failed, "attempts": self.attempts,
-                "workers_lost": self.workers_lost, "images": self.images, "seconds": round(self.seconds, 3),
-                "complete": self.complete}
+                "workers_started": self.workers_started, "workers_lost": self.workers_lost, "requeued": self.requeued,
+                "nodes_joined": self.nodes_joined, "nodes_left": self.nodes_left, "images": self.images,
+                "seconds": round(self.seconds, 3), "complete": self.complete}
+
+    def cluster_line(self) -> str:
+        """What the cluster did during the stage ('' when nothing happened worth a line)."""
+        if not (self.workers_started or self.nodes_joined or self.nodes_left):
+            return ""
+        return (f"{self.nodes_joined} node(s) joined, {self.nodes_left} left; {self.workers_started} worker(s) "
+                f"started, {self.workers_lost} lost; {self.requeued} unit(s) requeued")
 
 
 

@@ -62,3 +62,56 @@ def pipeline_config(output: str, **sections):
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return config_from_dict(raw)
+
+
+def start_stage_thread(cfg, kind: str = "recover"):
+    """Record the run, build the stage of `kind` and run it on Ray in a thread (this process is the driver);
+    returns (stage, storage, thread, result) where result['report'] (or result['error']) appears at the end."""
+    import threading
+
+    from prism_ray import pipeline
+    from prism_ray.orchestration.dispatch import run_stage_ray
+
+    storage = pipeline.open_storage(cfg)
+    context = pipeline.data_context(cfg)
+    pipeline.record_run(cfg, storage, context)
+    stage = pipeline.build_stages(cfg, storage, context, [kind])[0]
+    stage.check_config()
+    pipeline.record_plan(stage)
+    result: dict = {}
+
+    def drive():
+        try:
+            result["report"] = run_stage_ray(stage, cfg.ray, quiet=True)
+        except BaseException as e:  # noqa: BLE001 - handed to the test
+            result["error"] = e
+
+    thread = threading.Thread(target=drive, daemon=True)
+    thread.start()
+    return stage, storage, thread, result
+
+
+def wait_until(predicate, timeout: float = 120, what: str = "the condition"):
+    """Poll `predicate` until it returns something true; return that value."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"{what} did not happen within {timeout} s")
+
+
+def worker_actors() -> list:
+    """The stage workers alive now, as Ray's state API lists them."""
+    from ray.util.state import list_actors
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
+
+
+def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
+    """Unit id -> id of the node whose worker committed it, from the stage's unit records."""
+    from prism_ray.orchestration.workers import RECORDS
+    return {posixpath.basename(k)[: -len(".json")]: storage.read_json(k)["node_id"]
+            for k in storage.list(f"{prefix}/{RECORDS}", suffix=".json")}

@@ -1,0 +1,307 @@
+"""A stage's workers on Ray: actors that start wherever there is room, follow the cluster as nodes join and
+leave, end when the queue drains, and are replaced when lost.
+
+`StageActor` holds one stage worker (teachers, data) for every unit it runs. `WorkerPool` decides how many
+there are: `ray.workers: N` keeps N (those that cannot be placed wait, and are demand an autoscaler sees);
+`ray.workers: auto` keeps one per free slot of the worker's shape, up to `ray.max_workers` and the units
+left, and asks the autoscaler (`request_resources`) for room for that many. `ClusterWatch` counts the
+nodes that join and leave while a stage runs.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import ray
+
+from prism_ray.config import RayConfig
+from prism_ray.orchestration.cluster import set_torch_threads
+from prism_ray.orchestration.progress import StageRun, describe_error
+from prism_ray.stages.base import Stage, StageError, Unit
+
+FAKE_GPUS_ENV = "PRISM_RAY_FAKE_GPUS"  # tests: GPUs that are Ray resources only (ray.cluster_utils nodes)
+START_DEATHS_BEFORE_FAILING = 10  # workers dying while starting (not their own error) before the stage gives up
+RECORDS = "records"
+
+
+def record_key(prefix: str, unit_id: str) -> str:
+    """Where the worker that committed a unit records which node did it (and how long it took)."""
+    return f"{prefix}/{RECORDS}/{unit_id}.json"
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _this_node() -> dict:
+    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+
+
+def require_gpu(node: dict, gpus_per_worker: float) -> None:
+    """A worker that reserved a GPU must see one: falling back to the CPU would hold the GPU idle for hours."""
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+        return
+    raise StageError(
+        f"node {node['node_ip']} ({node['node_id'][:12]}): this worker reserved {gpus_per_worker:g} GPU "
+        f"(Ray GPU ids {ray.get_gpu_ids()}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}) but "
+        f"torch {torch.__version__} sees no CUDA device (torch.cuda.is_available() is False, built for CUDA "
+        f"{torch.version.cuda or 'none'}); install the NVIDIA driver and a CUDA build of torch on GPU nodes, or set "
+        f"ray.gpus_per_worker: 0")
+
+
+class StageActor:
+    """Holds one stage worker. `run` may be called concurrently: computes are serialised, so one unit's upload
+    overlaps the next unit's compute. A start error is kept and reported by `ready` (not raised), so the
+    driver gets it once, as one line, instead of Ray's forwarded traceback."""
+
+    def __init__(self, stage: Stage, name: str, cpus: float, gpus: float, check_gpu: bool):
+        self.stage, self.name = stage, name
+        self.node = _this_node()
+        self.worker = None
+        self.start_error: Optional[dict] = None
+        self._compute_lock = threading.Lock()
+        try:
+            set_torch_threads(cpus)
+            if check_gpu:
+                require_gpu(self.node, gpus)
+            self.worker = stage.open_worker()
+        except Exception as e:  # noqa: BLE001 - any start failure is the stage's to report
+            self.start_error = {"error": one_line(describe_error(e)), "traceback": traceback.format_exc()}
+
+    def ready(self) -> dict:
+        return {**self.node, **(self.start_error or {})}
+
+    def run(self, unit: Unit) -> dict:
+        t0 = time.perf_counter()
+        with self._compute_lock:
+            computed = self.worker.compute(unit)
+        summary = self.worker.commit(unit, computed)
+        seconds = time.perf_counter() - t0
+        summary.update(self.node, unit_seconds=seconds)
+        if summary.get("committed", True):
+            try:  # informational: a unit stays committed even if its record cannot be written
+                self.stage.storage.write_json(record_key(self.stage.prefix, unit.id), {
+                    "unit": unit.id, **self.node, "worker": self.name, "seconds": round(seconds, 3),
+                    "finished": time.time()})
+            except Exception as e:  # noqa: BLE001
+                summary["record_error"] = one_line(describe_error(e))
+        return summary
+
+
+@dataclass
+class Member:
+    """One worker of the pool: its actor, and once it is ready, where it runs."""
+
+    sid: int
+    name: str
+    actor: Any
+    ready_ref: Any  # ObjectRef of `ready()` until the worker is ready, then None
+    node_id: Optional[str] = None
+    node_ip: Optional[str] = None
+    in_flight: int = 0
+
+
+def alive_nodes() -> dict[str, str]:
+    """Node id -> address of every live node."""
+    return {n["NodeID"]: n.get("NodeManagerAddress", "") for n in ray.nodes() if n.get("Alive")}
+
+
+def free_slots(shape: dict[str, float]) -> int:
+    """How many more workers of `shape` fit on the live nodes now (per node: a worker cannot span nodes)."""
+    try:
+        from ray._private.state import available_resources_per_node  # DeveloperAPI, no public equivalent yet
+        per_node = available_resources_per_node()
+    except Exception:  # noqa: BLE001 - fall back to the cluster as one node
+        per_node = {"cluster": ray.available_resources()}
+    return sum(min(int(free.get(k, 0.0) / v + 1e-9) for k, v in shape.items()) for free in per_node.values())
+
+
+class ClusterWatch:
+    """Which nodes joined and left while a stage ran (for the progress lines and the stage report)."""
+
+    def __init__(self, run: StageRun):
+        self.run = run
+        self.alive = alive_nodes()
+        self.initial, self.ever = set(self.alive), set(self.alive)
+
+    def poll(self) -> dict[str, str]:
+        now = alive_nodes()
+        for node in sorted(set(now) - self.ever):
+            self.run.progress.note(f"node {now[node]} ({node[:8]}) joined; {len(now)} alive")
+        for node in sorted(set(self.alive) - set(now)):
+            self.run.progress.note(f"node {self.alive[node]} ({node[:8]}) left; {len(now)} alive")
+        self.ever |= set(now)
+        self.alive = now
+        self.run.report.nodes_joined = len(self.ever - self.initial)
+        self.run.report.nodes_left = len(self.ever - set(now))
+        return now
+
+
+class WorkerPool:
+    """The stage's workers: started, ready (with the node they run on), ended, lost."""
+
+    def __init__(self, stage: Stage, cfg: RayConfig, run: StageRun, tag: str):
+        self.stage, self.cfg, self.run, self.tag = stage, cfg, run, tag
+        self.members: dict[int, Member] = {}
+        self.auto = cfg.workers == "auto"
+        self.shape = cfg.worker_shape()
+        self.check_gpu = cfg.gpus_per_worker > 0 and os.environ.get(FAKE_GPUS_ENV) != "1"
+        self._next_sid = 0
+        self._requested: Optional[int] = None  # workers' worth of resources asked of the autoscaler
+        self._start_deaths = 0
+        self._options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
+                             max_concurrency=cfg.in_flight_per_worker, max_restarts=0, max_task_retries=0,
+                             scheduling_strategy="SPREAD", namespace=cfg.namespace)
+        if cfg.memory_per_worker:
+            self._options["memory"] = int(cfg.memory_per_worker * 2**30)
+        self._actor_cls = ray.remote(StageActor)
+
+    # ---- views
+
+    def ready(self) -> list[Member]:
+        return [m for m in self.members.values() if m.ready_ref is None]
+
+    def starting(self) -> dict:
+        """ObjectRef of `ready()` -> member, for the workers not ready yet."""
+        return {m.ready_ref: m for m in self.members.values() if m.ready_ref is not None}
+
+    def owns(self, member: Member) -> bool:
+        return self.members.get(member.sid) is member
+
+    def shape_text(self) -> str:
+        return ", ".join(f"{v / 2**30:g} GiB memory" if k == "memory" else f"{v:g} {k}" for k, v in self.shape.items())
+
+    # ---- size
+
+    def resize(self, queued: int) -> None:
+        """Start workers up to the target: the fixed count, or (auto) the free slots, never more than there is work
+        for (the workers busy now plus one per queued unit: an idle worker would only be ended again)."""
+        busy = sum(1 for m in self.members.values() if m.in_flight)
+        work = busy + queued
+        if self.auto:
+            cap = work if self.cfg.max_workers is None else min(self.cfg.max_workers, work)
+            self._ask_autoscaler(cap)
+            # Workers still starting may not hold their resources yet: count them against the free slots.
+            room = max(0, free_slots(self.shape) - len(self.starting()))
+            want = min(cap - len(self.members), room)
+        else:
+            want = min(self.cfg.workers, work) - len(self.members)
+        for _ in range(max(0, want)):
+            self._start()
+
+    def _start(self) -> Member:
+        sid = self._next_sid
+        self._next_sid += 1
+        name = f"{self.stage.cfg.run.name}/{self.stage.name}/worker-{sid}/{self.tag}"
+        actor = self._actor_cls.options(name=name, **self._options).remote(
+            self.stage, name, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker, self.check_gpu)
+        member = Member(sid, name, actor, actor.ready.remote())
+        self.members[sid] = member
+        self.run.report.workers_started += 1
+        return member
+
+    def _ask_autoscaler(self, workers: int) -> None:
+        if workers == self._requested:
+            return
+        from ray.autoscaler.sdk import request_resources
+        try:
+            request_resources(bundles=[dict(self.shape) for _ in range(workers)])
+            self._requested = workers
+        except Exception as e:  # noqa: BLE001 - a hint to the autoscaler; the run goes on without it
+            self.run.progress.note(f"could not ask the autoscaler for room ({one_line(e)}); using the nodes there are")
+            self._requested = workers
+
+    # ---- events
+
+    def started(self, member: Member) -> bool:
+        """`member`'s ready() came back: True when it is ready. Its own start error fails the stage with one line
+        (the traceback goes to a log in the run); a worker lost while starting is replaced later."""
+        try:
+            info = ray.get(member.ready_ref)
+        except ray.exceptions.RayActorError as e:
+            if e.actor_init_failed:  # the actor could not even be built there (e.g. prism_ray not installed)
+                self._fail_start({"node_ip": None, "node_id": None, "error": one_line(_cause(e)),
+                                  "traceback": str(e)})
+            self._start_deaths += 1
+            self._drop(member)
+            if self._start_deaths >= START_DEATHS_BEFORE_FAILING:
+                raise StageError(f"{self.stage.name}: {self._start_deaths} workers died while starting, none of "
+                                 f"them by its own error (last: {one_line(_cause(e))[:300]}); check the nodes "
+                                 f"(`ray status`, memory)") from None
+            return False
+        if info.get("error"):
+            self._fail_start(info)
+        member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
+        self._start_deaths = 0
+        waiting = len(self.starting())
+        self.run.progress.note(f"worker {member.sid} ready on {member.node_ip} ({member.node_id[:8]}); "
+                               f"{len(self.ready())} ready" + (f", {waiting} waiting for room" if waiting else ""))
+        return True
+
+    def _fail_start(self, info: dict) -> None:
+        key = f"{self.stage.prefix}/logs/worker-start.txt"
+        where = ""
+        try:
+            self.stage.storage.write_bytes(key, (
+                f"stage {self.stage.name}, worker on node {info['node_ip']} ({info['node_id']}), "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n{info['error']}\n\n{info['traceback']}").encode())
+            where = f" (traceback: {self.stage.storage.uri(key)})"
+        except Exception as e:  # noqa: BLE001 - the error itself matters more than its log
+            where = f" (traceback not saved: {one_line(e)[:200]})"
+        self.close()
+        on = f" on node {info['node_ip']}" if info["node_ip"] else ""
+        raise StageError(f"{self.stage.name}: a worker could not start{on}: {info['error']}{where}")
+
+    def lost(self, member: Member, error: BaseException) -> None:
+        """A worker died under its units (killed, node lost, preempted): drop it; `resize` starts another."""
+        if not self.owns(member):
+            return  # already dropped, by an earlier unit of the same worker
+        self.run.report.workers_lost += 1
+        self.run.progress.note(f"worker {member.sid} on {member.node_ip} lost ({type(error).__name__}); "
+                               f"requeueing its {self.stage.unit_noun}s")
+        self._drop(member)
+
+    def end_idle(self) -> None:
+        """The queue is empty: end every worker with nothing in flight (ready or still waiting for room)."""
+        for member in list(self.members.values()):
+            if member.in_flight == 0:
+                self._drop(member)
+
+    def _drop(self, member: Member) -> None:
+        self.members.pop(member.sid, None)
+        _kill(member.actor)
+
+    def close(self) -> None:
+        for member in list(self.members.values()):
+            self._drop(member)
+        if self._requested:
+            self._ask_autoscaler(0)  # let the cluster scale back down
+
+    def waiting_note(self) -> str:
+        free = ray.available_resources()
+        have = ", ".join(f"{free.get(k, 0) / (2**30 if k == 'memory' else 1):g} {k}" for k in self.shape)
+        ready, starting = len(self.ready()), len(self.starting())
+        if self.auto and not self.members:
+            return (f"no room for a worker (each needs {self.shape_text()}; free now: {have}); asked the autoscaler "
+                    f"for {self._requested or 0}, waiting for nodes")
+        return (f"{starting} of {ready + starting} workers waiting for room (each needs {self.shape_text()}; free "
+                f"now: {have})")
+
+
+def _cause(e: BaseException) -> str:
+    """The last line of a Ray error: for an exception raised remotely, the exception itself."""
+    lines = [line for line in str(e).splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(e).__name__
+
+
+def _kill(actor) -> None:
+    try:
+        ray.kill(actor, no_restart=True)
+    except Exception:  # noqa: BLE001 - already gone is fine
+        pass
