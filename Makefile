@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= jobs/configs/fmnist-demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-fast bench clean-demo
+.PHONY: setup data demo test test-fast bench rehearsal clean-demo
 
 setup: $(BIN)/.installed
 
@@ -40,3 +40,7 @@ test-fast: setup data
 
 bench: setup data
 	$(BIN)/python bench/run_all.py
+
+# The full-shape ImageNet rehearsal (1000 classes, IPC 50, 224 px, on a moto S3 server): about an hour here.
+rehearsal: setup
+	$(BIN)/python bench/rehearsal.py --shape full

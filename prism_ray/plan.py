@@ -87,4 +87,9 @@ def describe(cfg: Config) -> str:
         lines.append(f"evaluate: {runs} student trainings ({len(sets)} sets x {len(e.students)} students x "
                      f"{len(e.seeds)} seeds), {e.epochs} epochs each on {n * cfg.recover.ipc:,} images")
     lines.append(f"storage, about: {human_bytes(total_bytes)}")
+    from prism_ray.memory import worker_memory
+    where = (f"{cfg.ray.gpus_per_worker:g} GPU, {cfg.ray.cpus_per_worker:g} CPU" if cfg.ray.gpus_per_worker else
+             f"{cfg.ray.cpus_per_worker:g} CPU, no GPU")
+    lines.append(f"memory per worker ({where}; estimated from the networks' sizes, an upper bound):")
+    lines += [f"  {w.describe()}" for w in worker_memory(cfg, n)]
     return "\n".join(lines)

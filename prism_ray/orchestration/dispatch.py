@@ -20,11 +20,13 @@ from collections import Counter, deque
 import ray
 
 from prism_ray.config import RayConfig
+from prism_ray.formatting import human_bytes
+from prism_ray.memory import GiB, for_stage
 from prism_ray.orchestration import stopping
 from prism_ray.orchestration.metrics import StageMetrics
 from prism_ray.orchestration.progress import StageReport, StageRun, describe_error, failure_kind
 from prism_ray.orchestration.workers import ClusterWatch, Member, WorkerPool
-from prism_ray.stages.base import Stage, Unit
+from prism_ray.stages.base import Stage, StageError, Unit
 
 DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often on a live node is failed, not requeued forever
 TICK_SECONDS = 1.0  # longest wait for a result: how soon a stop signal is acted on
@@ -37,6 +39,29 @@ def _unwrap(e: ray.exceptions.RayTaskError) -> BaseException:
     return cause if isinstance(cause, BaseException) else e
 
 
+def check_room(stage: Stage, cfg: RayConfig) -> None:
+    """Refuse to start when nodes of the worker's shape are connected but none has the memory one worker needs
+    (a worker would die of memory mid-run). With no node of that shape yet, an autoscaler may add one: the
+    workers wait for it instead."""
+    need = for_stage(stage.cfg, stage.context.num_classes, stage.worker_kind)
+    if need is None:
+        return
+    host = int(cfg.memory_per_worker * GiB) if cfg.memory_per_worker else need.host
+    shaped = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= cfg.cpus_per_worker
+              and n["Resources"].get("GPU", 0) >= cfg.gpus_per_worker]
+    if not shaped:
+        return
+    room = {n["NodeManagerAddress"]: int(n["Resources"].get("memory", 0)) for n in shaped}
+    if max(room.values()) >= host:
+        return
+    have = ", ".join(f"{addr} {human_bytes(m)}" for addr, m in sorted(room.items(), key=lambda kv: -kv[1])[:4])
+    raise StageError(f"{stage.name}: no node can hold one worker: it needs about {human_bytes(host)} of host memory "
+                     f"({need.holds}{'; ray.memory_per_worker' if cfg.memory_per_worker else ''}), the nodes with "
+                     f"{cfg.cpus_per_worker:g} CPU and {cfg.gpus_per_worker:g} GPU free for Ray have {have}; use "
+                     f"nodes with more memory, or lower what a worker holds (recover.class_group, "
+                     f"evaluate.batch_size, evaluate.val_batch_size)")
+
+
 def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageReport:
     """Run every uncommitted unit of `stage` on Ray actors; return what happened."""
     run = StageRun(stage, quiet=quiet)
@@ -45,6 +70,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
     if not queue:
         return run.finish()
 
+    check_room(stage, cfg)
     pool = WorkerPool(stage, cfg, run, tag=uuid.uuid4().hex[:6])
     cluster = ClusterWatch(run)
     metrics = StageMetrics(stage.cfg.run.name, stage.name)

@@ -29,6 +29,9 @@ class StageReport:
     nodes_left: int = 0  # nodes that left (removed, preempted) while the stage ran
     images: int = 0
     seconds: float = 0.0
+    storage_retries: int = 0  # storage requests of this invocation's commits that failed and were retried
+    worker_peak_rss: int = 0  # bytes: the largest peak RSS a worker process reported (0: none reported)
+    driver_peak_rss: int = 0  # bytes: this driver process's peak RSS when the stage ended
 
     @property
     def complete(self) -> bool:
@@ -39,7 +42,9 @@ class StageReport:
                 "duplicates": self.duplicates, "failed": self.failed, "attempts": self.attempts,
                 "workers_started": self.workers_started, "workers_lost": self.workers_lost, "requeued": self.requeued,
                 "nodes_joined": self.nodes_joined, "nodes_left": self.nodes_left, "images": self.images,
-                "seconds": round(self.seconds, 3), "complete": self.complete}
+                "seconds": round(self.seconds, 3), "storage_retries": self.storage_retries,
+                "worker_peak_rss": self.worker_peak_rss, "driver_peak_rss": self.driver_peak_rss,
+                "complete": self.complete}
 
     def cluster_line(self) -> str:
         """What the cluster did during the stage ('' when nothing happened worth a line)."""
@@ -135,6 +140,8 @@ class StageRun:
             self.report.duplicates += 1
         images = int(summary.get("images", 0))
         self.report.images += images
+        self.report.storage_retries += int(summary.get("storage_retries", 0))
+        self.report.worker_peak_rss = max(self.report.worker_peak_rss, int(summary.get("peak_rss", 0)))
         self.progress.unit_done(images)
         if unit.id in self._stale_failures:
             self.store.storage.delete(self.store.failure_key(unit.id))
@@ -155,6 +162,8 @@ class StageRun:
 
     def finish(self) -> StageReport:
         self.report.seconds = time.perf_counter() - self._t0
+        from prism_ray.memory import peak_rss_bytes
+        self.report.driver_peak_rss = peak_rss_bytes()
         if self.report.complete:
             self.stage.finalize()
         return self.report

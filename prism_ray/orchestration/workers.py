@@ -19,6 +19,7 @@ from typing import Any, Optional
 import ray
 
 from prism_ray.config import RayConfig
+from prism_ray.memory import peak_rss_bytes
 from prism_ray.orchestration.cluster import set_torch_threads
 from prism_ray.orchestration.progress import StageRun, describe_error
 from prism_ray.stages.base import Stage, StageError, Unit
@@ -83,7 +84,7 @@ class StageActor:
             computed = self.worker.compute(unit)
         summary = self.worker.commit(unit, computed)
         seconds = time.perf_counter() - t0
-        summary.update(self.node, unit_seconds=seconds)
+        summary.update(self.node, unit_seconds=seconds, peak_rss=peak_rss_bytes())  # what this worker held
         if summary.get("committed", True):
             try:  # informational: a unit stays committed even if its record cannot be written
                 self.stage.storage.write_json(record_key(self.stage.prefix, unit.id), {

@@ -78,6 +78,7 @@ class Stage(ABC):
     """A stage of one run: its units, its storage prefix, the config fields that determine its outputs."""
 
     kind: str = "stage"  # squeeze / recover / relabel / evaluate
+    worker_kind: str | None = None  # which prism_ray.memory estimate its workers follow (None: light workers)
     unit_noun: str = "shard"
 
     def __init__(self, cfg: Config, storage: Storage, context: RunContext):

@@ -44,6 +44,7 @@ def diversity_network(cfg: Config) -> str:
 class DiversityStage(Stage):
     kind = "evaluate"
     unit_noun = "set"
+    worker_kind = "diversity"
 
     @property
     def prefix(self) -> str:
@@ -111,6 +112,7 @@ class DiversityWorker(Worker):
 class StudentStage(Stage):
     kind = "evaluate"
     unit_noun = "student"
+    worker_kind = "student"
 
     @property
     def prefix(self) -> str:

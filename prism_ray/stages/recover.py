@@ -71,6 +71,7 @@ def _teacher_names(rc: RecoverConfig) -> list[str]:
 
 class RecoverStage(Stage):
     kind = "recover"
+    worker_kind = "recover"
 
     def __init__(self, cfg: Config, storage: Storage, context: RunContext, set_name: str, rc: RecoverConfig):
         super().__init__(cfg, storage, context)  # config.check_data_facts has checked ipc against the classes

@@ -175,6 +175,7 @@ def relabel_fingerprint(cfg: Config) -> dict:
 
 class RelabelStage(Stage):
     kind = "relabel"
+    worker_kind = "relabel"
 
     @property
     def prefix(self) -> str:

@@ -33,6 +33,7 @@ def data_fingerprint(cfg) -> dict:
 class SqueezeStage(Stage):
     kind = "squeeze"
     unit_noun = "teacher"
+    worker_kind = "squeeze"
 
     @property
     def prefix(self) -> str:

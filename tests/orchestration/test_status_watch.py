@@ -51,14 +51,14 @@ def test_watch_ends_with_failed_units(tmp_path):
     (data / "train" / "b" / "img_01.png").write_bytes(b"not a png")  # the shard of IPC index 1 always fails
     cfg = recover_config(str(tmp_path / "run"), ipc=2, classes=2, group=2, iterations=3,
                          data={"dataset": "image_folder", "train": str(data / "train"), "channels": 3,
-                               "resolution": 16, "max_per_class": None})
+                               "resolution": 16, "max_per_class": None, "verify": False})  # met by a worker
     stage, storage = _planned_stage(cfg)
     report = run_stage_local(stage, max_attempts=1, quiet=True)
     assert list(report.failed) == ["ipc0001-cls0000-0001"]
     out = io.StringIO()
     assert watch(storage, interval=0.01, stream=out, sleep=lambda s: None) == 1
     text = out.getvalue()
-    assert "failed recover/prism ipc0001-cls0000-0001 after 1 attempt(s)" in text
+    assert "failed (compute) recover/prism ipc0001-cls0000-0001 after 1 attempt(s)" in text
     assert "run failed" in text
 
 

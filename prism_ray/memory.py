@@ -1,0 +1,147 @@
+"""Memory: what this process holds and may still take, and what each kind of worker will need.
+
+The estimates come from the networks themselves (parameter counts and the sizes of their layers' outputs
+for the configured batch and resolution, traced on the meta device: no memory, no compute) plus what each
+worker holds by design (DESIGN.md section 8): one uint8 image set, streamed validation and diversity
+batches, and the teachers it loads. They are what `plan` prints and what a stage checks against the
+connected cluster's nodes before it starts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+from prism_ray.algo.teachers import ModelShape, build_model
+from prism_ray.config import STAGES, Config
+
+GiB = 2 ** 30
+PROCESS_BASE = 1 * GiB  # a worker process with torch, torchvision, Ray and pyarrow imported: ~0.8 GB measured
+CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context and cuDNN/cuBLAS workspaces of one process
+LOADER_PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
+DIVERSITY_BATCH = 256
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory so far (VmHWM), 0 where /proc is not there."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@lru_cache(maxsize=None)
+def network_bytes(arch: str, num_classes: int, channels: int, resolution: int, batch: int) -> tuple[int, int, int]:
+    """(parameters and buffers, sum of all layer outputs, largest layer output) in fp32 bytes for one forward
+    of `batch` images, traced on the meta device."""
+    outputs: list[int] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            outputs.append(output.numel() * 4)
+
+    with torch.device("meta"):
+        model = build_model(arch, ModelShape(num_classes, channels, resolution)).eval()
+        handles = [m.register_forward_hook(record) for m in model.modules() if not list(m.children())]
+        with torch.no_grad():
+            model(torch.zeros(batch, channels, resolution, resolution))
+        for h in handles:
+            h.remove()
+    params = sum(t.numel() * 4 for t in [*model.parameters(), *model.buffers()])
+    return params, sum(outputs), max(outputs, default=0)
+
+
+@dataclass
+class WorkerMemory:
+    """Peak bytes one worker of a stage needs: in host memory, and on its GPU (0 on a CPU worker)."""
+
+    kind: str
+    host: int
+    gpu: int
+    holds: str  # what dominates, for people
+
+    def describe(self) -> str:
+        from prism_ray.formatting import human_bytes
+        gpu = f", GPU {human_bytes(self.gpu)}" if self.gpu else ""
+        return f"{self.kind}: host {human_bytes(self.host)}{gpu} ({self.holds})"
+
+
+def set_bytes(cfg: Config, num_classes: int) -> int:
+    """A distilled set decoded as uint8 (N, C, H, W)."""
+    d = cfg.data
+    return num_classes * cfg.recover.ipc * d.channels * d.resolution * d.resolution
+
+
+def _place(kind: str, cfg: Config, host_part: int, device_part: int, holds: str) -> WorkerMemory:
+    """On a GPU worker the device part sits on the GPU (the CUDA context too); on a CPU worker, in host memory."""
+    if cfg.ray.gpus_per_worker > 0:
+        return WorkerMemory(kind, PROCESS_BASE + host_part, CUDA_CONTEXT + device_part, holds)
+    return WorkerMemory(kind, PROCESS_BASE + host_part + device_part, 0, holds)
+
+
+def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None) -> list[WorkerMemory]:
+    """Each worker kind that `stages` (default: run.stages) start, with its peak memory."""
+    d = cfg.data
+    shape = (num_classes, d.channels, d.resolution)
+    amp = 0.5 if cfg.ray.gpus_per_worker > 0 and cfg.recover.amp else 1.0  # bf16 activations on a GPU
+    out = []
+    stages = set(cfg.run.stages if stages is None else stages)
+    if "squeeze" in stages and any(t.weights == "squeeze" for t in cfg.teachers.models):
+        from prism_ray.stages.squeeze import IN_MEMORY_LIMIT
+        train_images = num_classes * (d.max_per_class or 1300)
+        data = train_images * d.channels * d.resolution ** 2 * 4 if train_images <= IN_MEMORY_LIMIT else 0
+        need = max(_train_bytes(t.arch, shape, cfg.squeeze.batch_size, 1.0) for t in cfg.teachers.models
+                   if t.weights == "squeeze")
+        out.append(_place("squeeze", cfg, data, need, "training set in memory as float32" if data else
+                          "the teacher in training"))
+    if "recover" in stages:
+        need = 0
+        for rc in cfg.recover_methods().values():
+            names = list(dict.fromkeys([rc.primary, *rc.bn_pool, *rc.fixed]))
+            params = sum(network_bytes(cfg.teacher(n).arch, *shape, 1)[0] for n in names)
+            drawn = names[:1 + (len(names) - 1 if rc.selection == "intra" else min(rc.slots, len(names) - 1))]
+            if rc.selection == "fixed":
+                drawn = list(dict.fromkeys([rc.primary, *rc.fixed]))
+            acts = sum(network_bytes(cfg.teacher(n).arch, *shape, rc.class_group)[1] for n in drawn)
+            need = max(need, params + int(2 * acts * amp))  # saved activations and their gradients
+        out.append(_place("recover", cfg, 0, need, f"teacher pool and a {cfg.recover.class_group}-image batch's "
+                                                  f"activations with gradients"))
+    sets = set_bytes(cfg, num_classes)
+    label_teachers = [cfg.teacher(n).arch for n in cfg.relabel_teachers()]
+    if "relabel" in stages and cfg.relabel.mode == "stored":
+        out.append(_place("relabel", cfg, 0, sets + _inference_bytes(label_teachers, shape, cfg.relabel.mix_group),
+                          "one uint8 set and the label teachers"))
+    if "evaluate" in stages:
+        e = cfg.evaluate
+        live = _inference_bytes(label_teachers, shape, e.batch_size) if cfg.relabel.mode == "live" else 0
+        student = max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2) for a in e.students)
+        loader = max(1, int(cfg.ray.cpus_per_worker)) * LOADER_PREFETCH * e.val_batch_size * d.channels * \
+            d.resolution ** 2 * 4
+        out.append(_place("student", cfg, loader, sets + student + live,
+                          "one uint8 set, the student in training, validation batches"))
+        net = cfg.teacher(cfg.evaluate.diversity_network or cfg.recover.primary).arch
+        out.append(_place("diversity", cfg, 0, sets + _inference_bytes([net], shape, DIVERSITY_BATCH),
+                          "one uint8 set and the feature network"))
+    return out
+
+
+def for_stage(cfg: Config, num_classes: int, worker_kind: str | None) -> WorkerMemory | None:
+    """The estimate for a stage's workers (`Stage.worker_kind`), or None for light ones."""
+    if worker_kind is None:
+        return None
+    return next((w for w in worker_memory(cfg, num_classes, list(STAGES)) if w.kind == worker_kind), None)
+
+
+def _train_bytes(arch: str, shape: tuple, batch: int, amp: float, optimizer_states: int = 1) -> int:
+    params, acts, _ = network_bytes(arch, *shape, batch)
+    return params * (2 + optimizer_states) + int(2 * acts * amp)  # weights, gradients, optimizer state
+
+
+def _inference_bytes(archs: list[str], shape: tuple, batch: int) -> int:
+    parts = [network_bytes(a, *shape, batch) for a in archs]
+    return sum(p for p, _, _ in parts) + 3 * max((m for _, _, m in parts), default=0)
