@@ -101,19 +101,49 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, max_images:
     return seen
 
 
+def reopen_in_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a forked worker re-creates the data set's process-bound handles (an S3
+    filesystem refuses to be used after a fork) through the data set's `reopen()`, when it has one."""
+    info = torch.utils.data.get_worker_info()
+    ds = info.dataset if info is not None else None
+    while isinstance(ds, torch.utils.data.Subset):
+        ds = ds.dataset
+    reopen = getattr(ds, "reopen", None)
+    if callable(reopen):
+        reopen()
+
+
+def stream(dataset, batch_size: int, *, num_workers: int = 0,
+           device: torch.device | str = "cpu") -> torch.utils.data.DataLoader:
+    """A DataLoader over `dataset` in order: `num_workers` processes read, decode and resize batches in
+    parallel (a data set with `__getitems__` reads a batch at once), pinned for the copy to a GPU. At most
+    num_workers x 2 batches are in flight, whatever the data set's size."""
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                                       pin_memory=torch.device(device).type == "cuda",
+                                       worker_init_fn=reopen_in_worker if num_workers else None)
+
+
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, data, *, batch_size: int = 500, device: torch.device | str = "cpu",
-                        topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracies of `model` on (x, y) tensors or a dataset, as fractions in [0, 1]."""
+                        topk: Sequence[int] = (1, 5), num_workers: int = 0) -> dict[str, float]:
+    """Top-k accuracies of `model` on (x, y) tensors or a dataset, as fractions in [0, 1].
+
+    A dataset is streamed through `stream` (num_workers loader processes): memory does not grow with its
+    size. Hits are counted on the device and read once at the end.
+    """
     device = torch.device(device)
     model.to(device).eval()
     n = _length(data)
-    hits = {k: 0 for k in topk}
-    for idx in _batches(n, batch_size, None):
-        x, y = _fetch(data, idx)
-        logits = model(x.to(device))
+    if isinstance(data, tuple):
+        batches = (_fetch(data, idx) for idx in _batches(n, batch_size, None))
+    else:
+        batches = stream(data, batch_size, num_workers=num_workers, device=device)
+    hits = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}
+    for x, y in batches:
+        logits = model(x.to(device, non_blocking=True))
+        y = y.to(device, non_blocking=True)
         k_max = min(max(topk), logits.shape[1])
-        top = logits.topk(k_max, dim=1).indices.cpu()
+        top = logits.topk(k_max, dim=1).indices
         for k in topk:
-            hits[k] += (top[:, :min(k, k_max)] == y[:, None]).any(1).sum().item()
-    return {f"top{k}": hits[k] / max(n, 1) for k in topk}
+            hits[k] += (top[:, :min(k, k_max)] == y[:, None]).any(1).sum()
+    return {f"top{k}": int(hits[k]) / max(n, 1) for k in topk}

@@ -33,6 +33,7 @@ class ImageFolderDataset(ClassIndexedDataset):
                  max_per_class: int | None = None, class_names: list[str] | None = None,
                  storage: StorageConfig | None = None):
         self.root = root.rstrip("/")
+        self._storage = storage
         self._fs, base = filesystem(root, storage)
         with translate_errors("cannot list", root):
             if not self._fs.isdir(base):
@@ -62,6 +63,9 @@ class ImageFolderDataset(ClassIndexedDataset):
         norm = normalization or Normalization(*_default_stats(channels))
         super().__init__("image_folder", split, np.array(labels, dtype=np.int64), class_names, channels,
                          resolution, norm, classes, max_per_class)
+
+    def reopen(self) -> None:
+        self._fs, _ = filesystem(self.root, self._storage)
 
     def _raw(self, source_index: int) -> torch.Tensor:
         path = self._paths[source_index]

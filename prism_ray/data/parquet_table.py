@@ -39,6 +39,7 @@ class ParquetImageDataset(ClassIndexedDataset):
                  max_per_class: int | None = None, image_column: str = "image", label_column: str = "label",
                  class_names: list[str] | None = None, storage: StorageConfig | None = None):
         self.uri = uri
+        self._storage = storage
         self._fs, base = filesystem(uri, storage)
         self._image_column = image_column
         with translate_errors("cannot read", uri):
@@ -76,6 +77,12 @@ class ParquetImageDataset(ClassIndexedDataset):
         norm = normalization or Normalization(*_default_stats(channels))
         super().__init__("parquet", split, all_labels, class_names, channels, resolution, norm, classes,
                          max_per_class)
+
+    def reopen(self) -> None:
+        self._fs, _ = filesystem(self.uri, self._storage)
+        with translate_errors("cannot read", self.uri):
+            self._handles = [pq.ParquetFile(self._fs.open(p, "rb")) for p in self._files]
+        self._cache.clear()
 
     def _group(self, fi: int, rg: int) -> pa.Array:
         key = (fi, rg)
