@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prism_ray.algo.image_source import stream
+
 
 def _batches(n: int, batch_size: int, generator: torch.Generator | None) -> Iterable[torch.Tensor]:
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
@@ -99,28 +101,6 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, max_images:
         m.momentum = momentum
     model.eval()
     return seen
-
-
-def reopen_in_worker(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a forked worker re-creates the data set's process-bound handles (an S3
-    filesystem refuses to be used after a fork) through the data set's `reopen()`, when it has one."""
-    info = torch.utils.data.get_worker_info()
-    ds = info.dataset if info is not None else None
-    while isinstance(ds, torch.utils.data.Subset):
-        ds = ds.dataset
-    reopen = getattr(ds, "reopen", None)
-    if callable(reopen):
-        reopen()
-
-
-def stream(dataset, batch_size: int, *, num_workers: int = 0,
-           device: torch.device | str = "cpu") -> torch.utils.data.DataLoader:
-    """A DataLoader over `dataset` in order: `num_workers` processes read, decode and resize batches in
-    parallel (a data set with `__getitems__` reads a batch at once), pinned for the copy to a GPU. At most
-    num_workers x 2 batches are in flight, whatever the data set's size."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=torch.device(device).type == "cuda",
-                                       worker_init_fn=reopen_in_worker if num_workers else None)
 
 
 @torch.no_grad()

@@ -18,7 +18,8 @@ from prism_ray.algo.diversity import streamed_class_diversity
 from prism_ray.algo.seeding import derive_seed, generator
 from prism_ray.algo.student import build_student, train_student
 from prism_ray.algo.teachers import ModelShape
-from prism_ray.algo.train import evaluate_classifier, stream
+from prism_ray.algo.image_source import stream
+from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config import Config
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
