@@ -136,49 +136,34 @@ def _crop_resize(image: torch.Tensor, box: Sequence[int], flip: bool, out_size: 
     return x.flip(-1) if flip else x
 
 
-def _source_coords(start: torch.Tensor, length: torch.Tensor, out_size: int) -> tuple[torch.Tensor, ...]:
-    """Bilinear sampling along one axis of each crop, as F.interpolate(align_corners=False) computes it:
-    source coordinate (d + 0.5) * length / out - 0.5, clamped at 0, inside the crop [start, start + length).
-
-    Returns the two neighbouring source indices (absolute) and the weight of the second, each (B, out).
-    """
+def _grid_axis(start: torch.Tensor, length: torch.Tensor, size: int, out_size: int) -> torch.Tensor:
+    """grid_sample coordinates (align_corners=False) along one axis of each crop, (B, out): the source
+    position F.interpolate(align_corners=False) samples for output d, (d + 0.5) * length / out - 0.5,
+    clamped into the crop's first and last pixel as F.interpolate clamps into the cropped tensor."""
     d = torch.arange(out_size, device=length.device, dtype=torch.float32) + 0.5
     src = (d * (length.float()[:, None] / out_size) - 0.5).clamp_min_(0.0)
-    i0 = src.floor()
-    frac = src - i0
-    last = (length - 1).long()[:, None]
-    i0 = torch.minimum(i0.long(), last)
-    i1 = torch.minimum(i0 + 1, last)
-    base = start.long()[:, None]
-    return base + i0, base + i1, frac
+    src = torch.minimum(src, (length - 1).float()[:, None]) + start.float()[:, None]
+    return (2.0 * src + 1.0) / size - 1.0
 
 
 def crop_resize_batch(pixels: torch.Tensor, crops: torch.Tensor, flips: torch.Tensor, out_size: int) -> torch.Tensor:
-    """Every image's crop box resized to out_size x out_size (bilinear) and flipped, as one batched computation.
+    """Every image's crop box resized to out_size x out_size (bilinear) and flipped, in one grid_sample.
 
-    pixels (B, C, H, W) uint8 or float, crops (B, 4) top/left/height/width, flips (B,) bool, all on one
-    device; returns float32 (B, C, out, out). Bilinear is separable: gather the two source rows of every
-    output row, blend, then the two source columns of every output column, blend. Each output depends only
-    on its own image and box, so a position's result does not depend on the batch around it. For boxes no
-    larger than the output (upsampling) it equals the per-image antialiased resize up to float rounding.
+    pixels (B, C, H, W) uint8 or float, crops (B, 4) top/left/height/width, flips (B,) bool, on one device;
+    returns float32 (B, C, out, out). Each image gets its own sampling grid: the crop box's sample points,
+    clamped inside the box (so no pixel outside the crop leaks in at its edges), reversed along x when
+    flipped. Each output depends only on its own image and box, so a position's result does not depend on
+    the batch around it. For boxes no larger than the output (upsampling, where antialiasing does nothing)
+    it equals the per-image F.interpolate up to float rounding of the coordinates: at most 0.004 of a
+    pixel level (0..255) measured on 224 px crops.
     """
-    b, c, _, w = pixels.shape
+    _, _, h, w = pixels.shape
     top, left, height, width = crops.to(pixels.device).unbind(1)
-    r0, r1, fy = _source_coords(top, height, out_size)
-    c0, c1, fx = _source_coords(left, width, out_size)
-    flips = flips.to(pixels.device)[:, None]  # a flip reverses the output columns: reverse their sources
-    c0, c1, fx = (torch.where(flips, t.flip(1), t) for t in (c0, c1, fx))
-
-    def rows(idx: torch.Tensor) -> torch.Tensor:
-        return pixels.gather(2, idx[:, None, :, None].expand(b, c, out_size, w)).float()
-
-    top_rows = rows(r0)
-    x = torch.lerp(top_rows, rows(r1), fy[:, None, :, None])
-
-    def cols(idx: torch.Tensor) -> torch.Tensor:
-        return x.gather(3, idx[:, None, None, :].expand(b, c, out_size, out_size))
-
-    return torch.lerp(cols(c0), cols(c1), fx[:, None, None, :])
+    gx = _grid_axis(left, width, w, out_size)
+    gy = _grid_axis(top, height, h, out_size)
+    gx = torch.where(flips.to(pixels.device)[:, None], gx.flip(1), gx)
+    grid = torch.stack(torch.broadcast_tensors(gx[:, None, :], gy[:, :, None]), dim=-1)  # (B, out, out, 2): x, y
+    return F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def augment_batch(pixels: torch.Tensor, plan: EpochPlan, start: int, stop: int, out_size: int,

@@ -210,21 +210,23 @@ NORM = Normalization((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 
 def test_batched_crop_resize_matches_the_per_image_antialiased_resize():
     """Crop boxes are never larger than the source, so for out_size >= the source's side the resize is an
-    upsample, where antialiasing does nothing: one batched gather-and-blend equals torchvision-style per-image
-    resizing. Bound: 1e-3 of a pixel level (0..255); on this project's machine the two are bitwise equal."""
-    x = uint8_images(n=200, size=64)
-    p = plan_epoch(200, 0, 1, mix_group=200, source_size=(64, 64), crop_scale=(0.08, 1.0), cutmix=False)
-    for out in (64, 96):
-        batched = crop_resize_batch(x[p.order], p.crops, p.flips, out)
-        single = torch.cat([_crop_resize(x[i], box, flip, out)
-                            for i, box, flip in zip(p.order.tolist(), p.crops.tolist(), p.flips.tolist())])
-        assert batched.shape == single.shape == (200, 3, out, out)
-        assert (batched - single).abs().max() <= 1e-3
+    upsample, where antialiasing does nothing: one grid_sample with per-image grids equals torchvision-style
+    per-image resizing up to the rounding of the sample coordinates. Bound: 0.01 of a pixel level (0..255);
+    measured 0.004."""
+    for size, outs in ((64, (64, 96)), (224, (224,))):
+        x = uint8_images(n=100, size=size)
+        p = plan_epoch(100, 0, 1, mix_group=100, source_size=(size, size), crop_scale=(0.08, 1.0), cutmix=False)
+        for out in outs:
+            batched = crop_resize_batch(x[p.order], p.crops, p.flips, out)
+            single = torch.cat([_crop_resize(x[i], box, flip, out)
+                                for i, box, flip in zip(p.order.tolist(), p.crops.tolist(), p.flips.tolist())])
+            assert batched.shape == single.shape == (100, 3, out, out)
+            assert (batched - single).abs().max() <= 0.01
 
 
 def test_uint8_augmentation_is_close_to_the_float_path_and_bitwise_stable():
     """From uint8 the batch is resized then normalized; the float path normalized first, then resized. The
-    two agree to float rounding (bound 1e-5 in normalized units, values within about +-2.6)."""
+    two agree to float rounding (bound 1e-4 in normalized units, values within about +-2.6; measured 7e-7)."""
     x = uint8_images(n=24, size=32)
     floats = NORM.normalize(x.float().div(255.0))
     p = plan_epoch(24, 3, 2, mix_group=6, source_size=(32, 32), crop_scale=(0.25, 1.0), cutmix=True)
@@ -238,7 +240,7 @@ def test_uint8_augmentation_is_close_to_the_float_path_and_bitwise_stable():
         if j != i:
             t, l, b, r = p.mix_box[i].tolist()
             legacy[i, :, t:b, l:r] = source[j, :, t:b, l:r]
-    assert (from_uint8 - legacy).abs().max() <= 1e-5
+    assert (from_uint8 - legacy).abs().max() <= 1e-4
     # a position's batch is the same whatever span the call covers (whole groups)
     parts = torch.cat([augment_positions(resident, p, s, min(s + 12, 24), 32) for s in range(0, 24, 12)])
     assert torch.equal(parts, from_uint8)
