@@ -20,6 +20,7 @@ seeded with derive_seed(seed, "relabel", epoch).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Iterator, Sequence
@@ -166,6 +167,14 @@ def crop_resize_batch(pixels: torch.Tensor, crops: torch.Tensor, flips: torch.Te
     return F.grid_sample(pixels.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+@functools.lru_cache(maxsize=16)
+def _channel_stats(mean: tuple, std: tuple, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """mean and std as (1, C, 1, 1) float32 tensors on `device`, made once: a host -> device copy per batch
+    would make every batch wait for the GPU."""
+    return (torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1),
+            torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1))
+
+
 def augment_batch(pixels: torch.Tensor, plan: EpochPlan, start: int, stop: int, out_size: int,
                   normalization=None) -> torch.Tensor:
     """The augmented batch of positions [start, stop) (whole mix groups) from their source images.
@@ -192,8 +201,9 @@ def augment_batch(pixels: torch.Tensor, plan: EpochPlan, start: int, stop: int, 
     else:
         crops, flips = plan.crops[start:stop].tolist(), plan.flips[start:stop].tolist()
         x = torch.cat([_crop_resize(pixels[i], crops[i], flips[i], out_size) for i in range(stop - start)])
-    if normalization is not None:
-        x = normalization.normalize(x.div_(255.0))
+    if normalization is not None:  # (x / 255 - mean) / std, in place on the fresh resized batch
+        mean, std = _channel_stats(tuple(normalization.mean), tuple(normalization.std), str(dev))
+        x = x.div_(255.0).sub_(mean).div_(std)
     # CutMix: paste each mixed position's box from its partner's un-mixed image (the reference's one-shot
     # indexing); unmixed positions have an all-zero box, which selects nothing
     partner = plan.partner[start:stop].to(dev) - start
