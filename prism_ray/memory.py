@@ -35,6 +35,33 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def host_memory_available() -> int:
+    """Bytes this process could still take: MemAvailable, capped by a cgroup (v2 or v1) memory limit."""
+    available = None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as f:
+                limit = f.read().strip()
+            with open(usage_file) as f:
+                usage = int(f.read().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < (1 << 60):
+            room = int(limit) - usage
+            available = room if available is None else min(available, room)
+        break
+    return available if available is not None else 0
+
+
 @lru_cache(maxsize=None)
 def network_bytes(arch: str, num_classes: int, channels: int, resolution: int, batch: int) -> tuple[int, int, int]:
     """(parameters and buffers, sum of all layer outputs, largest layer output) in fp32 bytes for one forward

@@ -80,7 +80,8 @@ def describe(cfg: Config) -> str:
         fig = relabel_figures(cfg, n)
         if cfg.relabel.mode == "stored":
             total_bytes += fig["bytes"] * len(sets)
-        lines.append(f"relabel ({cfg.relabel.mode}): {fig['describe']} per set, {len(sets)} sets")
+        lines.append(f"relabel ({cfg.relabel.mode}): {fig['describe']} per set, {len(sets)} sets "
+                     f"({fig['teacher_forwards'] * len(sets):,} teacher image forwards in all)")
     if "evaluate" in cfg.run.stages:
         e = cfg.evaluate
         runs = len(sets) * len(e.students) * len(e.seeds)

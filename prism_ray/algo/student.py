@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from prism_ray.algo.seeding import derive_seed
-from prism_ray.algo.soft_labels import EpochPlan, augment_positions
+from prism_ray.algo.image_source import as_source
+from prism_ray.algo.soft_labels import EpochPlan, augment_batch
 from prism_ray.algo.teachers import ModelShape, build_model
 
 if TYPE_CHECKING:  # types only: the engine does not need the config loader
@@ -117,11 +118,15 @@ def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, cfg
 
 def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, images, plan: EpochPlan,
                 labels: torch.Tensor, cfg: "EvaluateConfig", *, out_size: int, device: torch.device | str = "cpu",
-                targets: Optional[torch.Tensor] = None) -> float:
+                targets: Optional[torch.Tensor] = None, amp: bool = True, channels_last: bool = True) -> float:
     """One epoch over the plan's positions; returns the mean loss per image.
 
+    images: an `ImageSource` (a uint8 set resident on the device, or encoded) or a normalized float tensor.
     labels: dense float32 (N, K) teacher logits in position order; targets: (N,) class of each image, in
-    image order (the set's order, not the plan's), needed by mse_ce.
+    image order (the set's order, not the plan's), needed by mse_ce. The plan, labels and targets go to the
+    device once per epoch and batches are augmented there, so with a resident set no batch crosses from
+    the host and nothing waits on the device until the epoch's loss is read. On CUDA, `amp` runs the
+    forward in bf16 autocast (the loss in float32) and `channels_last` lays out model and batches NHWC.
     """
     if cfg.batch_size % plan.mix_group:
         raise ValueError(f"batch_size {cfg.batch_size} must be a multiple of the plan's mix_group {plan.mix_group}")
@@ -129,14 +134,22 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, i
     if labels.shape[0] != n:
         raise ValueError(f"labels have {labels.shape[0]} rows, the epoch has {n} positions")
     device = torch.device(device)
+    source = as_source(images)
+    cuda = device.type == "cuda"
+    on_device = plan.to(device)
+    labels = labels.to(device, torch.float32, non_blocking=True)
+    targets = targets.to(device, non_blocking=True) if targets is not None else None
     model.train()
     total = torch.zeros((), device=device)
-    for start in range(0, n, cfg.batch_size):
-        stop = min(start + cfg.batch_size, n)
-        x = augment_positions(images, plan, start, stop, out_size).to(device, non_blocking=True)
-        t = labels[start:stop].to(device, torch.float32, non_blocking=True)
-        y = targets[plan.order[start:stop]].to(device, non_blocking=True) if targets is not None else None
-        loss = distill_loss(model(x), t, cfg, targets=y)
+    ranges = [(s, min(s + cfg.batch_size, n)) for s in range(0, n, cfg.batch_size)]
+    for (start, stop), pixels in zip(ranges, source.batches(plan.order, ranges, device)):
+        x = augment_batch(pixels, on_device, start, stop, out_size, source.normalization)
+        if cuda and channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = targets[on_device.order[start:stop]] if targets is not None else None
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and amp):
+            logits = model(x)
+        loss = distill_loss(logits, labels[start:stop], cfg, targets=y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -148,17 +161,21 @@ def train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, i
 def train_student(model: nn.Module, images, label_fn: Callable[[int], tuple[EpochPlan, torch.Tensor]],
                   cfg: "EvaluateConfig", *, out_size: int, device: torch.device | str = "cpu",
                   state: Optional[dict] = None, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
-                  targets: Optional[torch.Tensor] = None, seed: int = 0, schedule: str = "cosine") -> dict:
+                  targets: Optional[torch.Tensor] = None, seed: int = 0, schedule: str = "cosine",
+                  amp: bool = True, channels_last: bool = True) -> dict:
     """Train epochs state['epoch'] .. cfg.epochs - 1; label_fn(epoch) gives the epoch's plan and dense labels.
 
     state (a checkpoint: 'model', 'optimizer', 'scheduler' state dicts and 'epoch', the next epoch to run)
     resumes exactly. on_epoch_end(epoch, state) follows every epoch; its state holds live references to
     the model's and optimizer's tensors, so serialize or copy it there. `seed` seeds the torch RNG of each
-    epoch (dropout). Returns {'epochs_run', 'final_loss', 'seconds', 'state'}.
+    epoch (dropout). images: an `ImageSource` or a normalized float tensor (see `train_epoch`, also for `amp`
+    and `channels_last`, which apply on CUDA only). Returns {'epochs_run', 'final_loss', 'seconds', 'state'}.
     """
     t0 = time.perf_counter()
     device = torch.device(device)
     model.to(device)
+    if device.type == "cuda" and channels_last:
+        model.to(memory_format=torch.channels_last)
     n = len(images)
     targets = None if targets is None else torch.as_tensor(targets, dtype=torch.int64)
     optimizer = build_optimizer(model, cfg)
@@ -179,7 +196,7 @@ def train_student(model: nn.Module, images, label_fn: Callable[[int], tuple[Epoc
         with torch.random.fork_rng(devices=rng_devices):
             torch.manual_seed(derive_seed(seed, "student", epoch))
             loss = train_epoch(model, optimizer, scheduler, images, plan, labels, cfg, out_size=out_size,
-                               device=device, targets=targets)
+                               device=device, targets=targets, amp=amp, channels_last=channels_last)
         current = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                    "scheduler": scheduler.state_dict(), "epoch": epoch + 1}
         if on_epoch_end is not None:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prism_ray.algo.image_source import stream
 from prism_ray.algo.seeding import derive_seed
 
 
@@ -114,17 +115,25 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, max_images:
 
 @torch.no_grad()
 def evaluate_classifier(model: nn.Module, data, *, batch_size: int = 500, device: torch.device | str = "cpu",
-                        topk: Sequence[int] = (1, 5)) -> dict[str, float]:
-    """Top-k accuracies of `model` on (x, y) tensors or a dataset, as fractions in [0, 1]."""
+                        topk: Sequence[int] = (1, 5), num_workers: int = 0) -> dict[str, float]:
+    """Top-k accuracies of `model` on (x, y) tensors or a dataset, as fractions in [0, 1].
+
+    A dataset is streamed through `stream` (num_workers loader processes): memory does not grow with its
+    size. Hits are counted on the device and read once at the end.
+    """
     device = torch.device(device)
     model.to(device).eval()
     n = _length(data)
-    hits = {k: 0 for k in topk}
-    for idx in _batches(n, batch_size, None):
-        x, y = _fetch(data, idx)
-        logits = model(x.to(device))
+    if isinstance(data, tuple):
+        batches = (_fetch(data, idx) for idx in _batches(n, batch_size, None))
+    else:
+        batches = stream(data, batch_size, num_workers=num_workers, device=device)
+    hits = {k: torch.zeros((), dtype=torch.int64, device=device) for k in topk}
+    for x, y in batches:
+        logits = model(x.to(device, non_blocking=True))
+        y = y.to(device, non_blocking=True)
         k_max = min(max(topk), logits.shape[1])
-        top = logits.topk(k_max, dim=1).indices.cpu()
+        top = logits.topk(k_max, dim=1).indices
         for k in topk:
-            hits[k] += (top[:, :min(k, k_max)] == y[:, None]).any(1).sum().item()
-    return {f"top{k}": hits[k] / max(n, 1) for k in topk}
+            hits[k] += (top[:, :min(k, k_max)] == y[:, None]).any(1).sum()
+    return {f"top{k}": int(hits[k]) / max(n, 1) for k in topk}

@@ -183,6 +183,16 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         return self._prepare(self._raw(int(self._source_index[i]))), int(self.labels[i])
 
+    def __getitems__(self, indices: Sequence[int]) -> list[tuple[torch.Tensor, int]]:
+        """Items `indices` read together (a DataLoader batch): one concurrent fetch on S3, one batched resize."""
+        idx = np.asarray(indices, dtype=np.int64)
+        x = self._prepare_batch(self._raw_many(self._source_index[idx]))
+        return [(x[j], int(self.labels[i])) for j, i in enumerate(idx)]
+
+    def reopen(self) -> None:
+        """Re-create process-bound handles (filesystems, open files) in a forked DataLoader worker: an S3
+        filesystem refuses to be used in a child process. Sources that hold such handles override it."""
+
     def tensors(self, indices: Sequence[int] | None = None, batch: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
         """All (or the chosen) items as one (x, y) pair of tensors: for small data sets held in memory."""
         idx = np.arange(len(self)) if indices is None else np.asarray(indices)

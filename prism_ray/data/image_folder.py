@@ -91,6 +91,9 @@ class ImageFolderDataset(ClassIndexedDataset):
                     raise blob
         return dict(zip(rels, blobs))
 
+    def reopen(self) -> None:
+        self._fs, self._base, self._pid = None, None, None  # opened again on first use in this process
+
     def _raw(self, source_index: int) -> torch.Tensor:
         rel = self._paths[source_index].as_py()
         return decode_image(self._read([rel])[rel], f"{self.uri}/{rel}")

@@ -84,6 +84,9 @@ class ParquetImageDataset(ClassIndexedDataset):
                                     f"is gone; {REBUILD_HINT}") from None
         return self._handles[fi]
 
+    def reopen(self) -> None:
+        self._reset_handles()  # opened again on first use in this process
+
     def _group(self, fi: int, rg: int) -> pa.Array:
         key = (fi, rg)
         if key not in self._cache:

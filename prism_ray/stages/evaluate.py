@@ -11,17 +11,20 @@ import dataclasses
 import io
 import time
 
+import numpy as np
 import torch
 
-from prism_ray.algo.diversity import class_diversity
+from prism_ray.algo.diversity import streamed_class_diversity
+from prism_ray.algo.image_source import stream
 from prism_ray.algo.seeding import derive_seed, generator
 from prism_ray.algo.student import build_student, train_student
 from prism_ray.algo.teachers import ModelShape
 from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config import Config
 from prism_ray.data import build_dataset
+from prism_ray.memory import peak_rss_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
-from prism_ray.stages.image_sets import ImageSetCache, set_inputs, sets_fingerprint
+from prism_ray.stages.image_sets import ImageSetCache, loader_workers, set_inputs, sets_fingerprint
 from prism_ray.stages.relabel import RELABEL_PREFIX, LabelSource, relabel_fingerprint
 from prism_ray.storage import COMBINED, Storage, table_bytes
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
@@ -30,7 +33,6 @@ STUDENTS_PREFIX = "evaluate/students"
 DIVERSITY_PREFIX = "evaluate/diversity"
 REAL = "real"  # the diversity of real training images, next to the sets'
 REAL_PER_CLASS = 100  # real images per class for the real-data diversity reference
-IN_MEMORY_LIMIT = 200_000
 
 
 def evaluate_stages(cfg: Config, storage: Storage, context: RunContext) -> list[Stage]:
@@ -77,31 +79,45 @@ class DiversityWorker(Worker):
         self.model = load_pool([self.network], model_shape(cfg, stage.context.num_classes), cfg, stage.storage,
                                self.device)[self.network]
         self.train = build_dataset(cfg.data, "train", cfg.storage, index=stage.context.index_uri)
-        self.sets = ImageSetCache(stage.storage, self.train.normalization, cfg.data.channels)
+        self.workers = loader_workers(cfg)
+        self.sets = ImageSetCache(stage.storage, self.train.normalization, cfg.data.channels, device=self.device,
+                                  loader_workers=self.workers, worker="diversity")
 
-    def _real_sample(self) -> tuple[torch.Tensor, torch.Tensor]:
-        xs, ys = [], []
+    def real_sample(self) -> list[int]:
+        """Dataset indices of the real-data reference: REAL_PER_CLASS seeded picks per class, class by class."""
+        sample = []
+        starts = np.concatenate([[0], np.cumsum(self.train.counts())])
+        order = np.argsort(self.train.labels, kind="stable")  # dataset positions, grouped by class
         for c in range(self.train.num_classes):
             g = generator(self.stage.cfg.run.seed, "diversity-real", c)
             picks = torch.randperm(self.train.count(c), generator=g)[:REAL_PER_CLASS].tolist()
-            xs += [self.train.image(c, k) for k in picks]
-            ys += [c] * len(picks)
-        return torch.stack(xs), torch.tensor(ys)
+            sample += [int(order[starts[c] + k]) for k in picks]
+        return sample
+
+    def _batches(self, unit: Unit):
+        """(images, labels) batches of the unit's set, on the device: never the whole set as float."""
+        batch = self.stage.cfg.evaluate.val_batch_size
+        if unit.id == REAL:  # decoded and resized in DataLoader workers, batch by batch
+            subset = torch.utils.data.Subset(self.train, self.real_sample())
+            yield from stream(subset, batch, num_workers=self.workers, device=self.device)
+            return
+        s = self.sets.get(unit.id)
+        n = len(s)
+        ranges = [(a, min(a + batch, n)) for a in range(0, n, batch)]
+        order = torch.arange(n)
+        for (a, b), pixels in zip(ranges, s.images.batches(order, ranges, self.device)):
+            yield s.images.to_network(pixels), s.labels[a:b]
 
     def compute(self, unit: Unit):
         t0 = time.perf_counter()
-        if unit.id == REAL:
-            images, labels = self._real_sample()
-        else:
-            s = self.sets.get(unit.id)
-            images, labels = s.images, s.labels
-        per_class = class_diversity(self.model, images, labels, device=self.device)
-        rows = [{"set": unit.id, "class_id": int(c), "mean_cosine": float(v),
-                 "images": int((labels == c).sum())} for c, v in sorted(per_class.items())]
+        acc = streamed_class_diversity(self.model, self._batches(unit), device=self.device)
+        per_class = acc.result()
+        rows = [{"set": unit.id, "class_id": int(c), "mean_cosine": float(v), "images": acc.count(c)}
+                for c, v in per_class.items()]
         import pyarrow as pa
         return table_bytes(pa.Table.from_pylist(rows)), {
             "set": unit.id, "network": self.network, "mean_cosine": float(sum(per_class.values()) / len(per_class)),
-            "classes": len(per_class), "seconds": time.perf_counter() - t0}
+            "classes": len(per_class), "seconds": time.perf_counter() - t0, "peak_rss_bytes": peak_rss_bytes()}
 
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed
@@ -155,8 +171,11 @@ class StudentWorker(Worker):
         val = build_dataset(cfg.data, "val", cfg.storage, class_names=train.class_names, capped=False,
                             index=stage.context.index_uri)
         n_val = min(len(val), cfg.data.max_val or len(val))
-        self.val = val.tensors(list(range(n_val))) if n_val <= IN_MEMORY_LIMIT else val
-        self.sets = ImageSetCache(stage.storage, train.normalization, cfg.data.channels)
+        # streamed through DataLoader workers at scoring time: memory does not grow with the validation set
+        self.val = val if n_val == len(val) else torch.utils.data.Subset(val, range(n_val))
+        self.workers = loader_workers(cfg)
+        self.sets = ImageSetCache(stage.storage, train.normalization, cfg.data.channels, device=self.device,
+                                  loader_workers=self.workers, worker="student")
         self.teachers = None
         if cfg.relabel.mode == "live":  # the teachers run inside training: load them once
             pool = load_pool(cfg.relabel_teachers(), model_shape(cfg, stage.context.num_classes), cfg,
@@ -192,14 +211,16 @@ class StudentWorker(Worker):
         out = train_student(model, image_set.images, labels, cfg.evaluate, out_size=cfg.data.resolution,
                             device=self.device, state=state, on_epoch_end=on_epoch_end, targets=image_set.labels,
                             seed=seed, schedule=cfg.evaluate.schedule)
-        acc = evaluate_classifier(model, self.val, batch_size=cfg.evaluate.val_batch_size, device=self.device)
+        acc = evaluate_classifier(model, self.val, batch_size=cfg.evaluate.val_batch_size, device=self.device,
+                                  num_workers=self.workers)
         buf = io.BytesIO()
         torch.save({"arch": p["student"], "num_classes": shape.num_classes, "in_channels": shape.in_channels,
-                    "resolution": shape.resolution, "state_dict": model.cpu().state_dict()}, buf)
+                    "resolution": shape.resolution,
+                    "state_dict": model.cpu().to(memory_format=torch.contiguous_format).state_dict()}, buf)
         row = {"set": p["set"], "student": p["student"], "seed": p["seed"], "top1": acc["top1"], "top5": acc["top5"],
                "epochs": cfg.evaluate.epochs, "resumed_from_epoch": resumed_from, "final_loss": out["final_loss"],
-               "train_seconds": out["seconds"], "images": len(image_set.images), "label_mode": cfg.relabel.mode,
-               "val_images": len(self.val[1]) if isinstance(self.val, tuple) else len(self.val)}
+               "train_seconds": out["seconds"], "images": len(image_set), "label_mode": cfg.relabel.mode,
+               "val_images": len(self.val), "holding": image_set.holding, "peak_rss_bytes": peak_rss_bytes()}
         return buf.getvalue(), row
 
     def commit(self, unit: Unit, computed) -> dict:

@@ -22,8 +22,9 @@ from prism_ray.algo.soft_labels import EpochPlan, dense_labels, plan_epoch, soft
 from prism_ray.config import Config
 from prism_ray.data import dataset_normalization
 from prism_ray.formatting import human_bytes
+from prism_ray.memory import peak_rss_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
-from prism_ray.stages.image_sets import ImageSetCache, set_inputs, sets_fingerprint
+from prism_ray.stages.image_sets import ImageSetCache, loader_workers, set_inputs, sets_fingerprint
 from prism_ray.storage import Storage, table_bytes
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
 
@@ -50,7 +51,8 @@ def labels_path(unit: Unit) -> str:
 
 
 def relabel_figures(cfg: Config, num_classes: int) -> dict:
-    """Files and bytes of stored labels per set, for `plan` (fp16 logits, before compression)."""
+    """Files and bytes of stored labels per set (fp16 logits, before compression) and the teachers' image
+    forwards per set, for `plan`. Live labels are recomputed by every student training of the set."""
     n_images = num_classes * cfg.recover.ipc
     epochs = cfg.relabel_epochs()
     k = cfg.relabel.topk or num_classes
@@ -58,11 +60,19 @@ def relabel_figures(cfg: Config, num_classes: int) -> dict:
     per_row = 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26  # logits (+ indices), plan columns
     files = -(-epochs // cfg.relabel.epochs_per_shard)
     size = n_images * epochs * per_row
+    teachers = cfg.relabel_teachers()
+    runs = len(cfg.evaluate.students) * len(cfg.evaluate.seeds) if cfg.relabel.mode == "live" else 1
+    forwards = len(teachers) * epochs * n_images * runs
+    ensemble = f"{cfg.relabel.ensemble} ensemble of " if len(teachers) > 1 else ""
+    teacher_text = (f"{ensemble}{len(teachers)} teacher(s) ({', '.join(teachers)}) x {epochs} epochs x "
+                    f"{n_images:,} images{f' x {runs} student trainings' if runs > 1 else ''} = "
+                    f"{forwards:,} teacher image forwards")
     if cfg.relabel.mode == "live":
-        return {"files": 0, "bytes": 0, "describe": f"live: no files, teachers run during training ({epochs} "
-                                                    f"epochs x {n_images:,} images of teacher forwards)"}
-    return {"files": files, "bytes": size,
-            "describe": f"{files} files, {epochs} epochs x {n_images:,} images, about {human_bytes(size)}"}
+        return {"files": 0, "bytes": 0, "teachers": teachers, "teacher_forwards": forwards,
+                "describe": f"live: no files, teachers run during training: {teacher_text}"}
+    return {"files": files, "bytes": size, "teachers": teachers, "teacher_forwards": forwards,
+            "describe": f"{files} files, {epochs} epochs x {n_images:,} images, about {human_bytes(size)}; "
+                        f"{teacher_text}"}
 
 
 # ---- the stored format
@@ -129,7 +139,7 @@ class LabelSource:
     Both paths call the same label code with the same seed, so they give identical labels.
     """
 
-    def __init__(self, cfg: Config, storage: Storage, set_name: str, images: torch.Tensor, num_classes: int,
+    def __init__(self, cfg: Config, storage: Storage, set_name: str, images, num_classes: int,
                  teachers: list | None, device: torch.device):
         self.cfg, self.storage, self.set_name = cfg, storage, set_name
         self.images, self.num_classes, self.teachers, self.device = images, num_classes, teachers, device
@@ -150,8 +160,9 @@ class LabelSource:
         return plan, dense_labels(values, indices, self.num_classes)
 
 
-def compute_epoch_labels(cfg: Config, set_name: str, images: torch.Tensor, teachers: list, epoch: int,
+def compute_epoch_labels(cfg: Config, set_name: str, images, teachers: list, epoch: int,
                          device: torch.device) -> tuple[EpochPlan, torch.Tensor, torch.Tensor | None]:
+    """One epoch's plan and soft labels; images: the set's `ImageSource` (or a normalized float tensor)."""
     rl = cfg.relabel
     plan = plan_epoch(len(images), epoch, label_seed(cfg, set_name), mix_group=rl.mix_group,
                       source_size=tuple(images.shape[-2:]), crop_scale=rl.crop_scale, cutmix=rl.cutmix)
@@ -206,11 +217,13 @@ class RelabelWorker(Worker):
         pool = load_pool(cfg.relabel_teachers(), shape, cfg, stage.storage, self.device)
         self.teachers = [pool[n] for n in cfg.relabel_teachers()]
         norm = dataset_normalization(cfg.data)
-        self.sets = ImageSetCache(stage.storage, norm, cfg.data.channels)
+        self.sets = ImageSetCache(stage.storage, norm, cfg.data.channels, device=self.device,
+                                  loader_workers=loader_workers(cfg), worker="relabel")
 
     def compute(self, unit: Unit):
         cfg = self.stage.cfg
-        images = self.sets.get(unit.payload["set"]).images
+        image_set = self.sets.get(unit.payload["set"])
+        images = image_set.images
         e0, e1 = unit.payload["epochs"]
         t0 = time.perf_counter()
         tables = []
@@ -221,7 +234,8 @@ class RelabelWorker(Worker):
         table = pa.concat_tables(tables)
         return table_bytes(table), {"set": unit.payload["set"], "epoch_start": e0, "epoch_stop": e1,
                                     "rows": table.num_rows, "images": len(images),
-                                    "seconds": time.perf_counter() - t0}
+                                    "seconds": time.perf_counter() - t0, "holding": image_set.holding,
+                                    "peak_rss_bytes": peak_rss_bytes()}
 
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed

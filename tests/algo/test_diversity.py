@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from prism_ray.algo.diversity import class_diversity, final_linear, mean_pairwise_cosine, penultimate_features
+from prism_ray.algo.diversity import (ClassCosine, class_diversity, final_linear, mean_pairwise_cosine,
+                                     penultimate_features, streamed_class_diversity)
 from prism_ray.algo.student import build_student
 from prism_ray.algo.teachers import ModelShape
 
@@ -45,3 +46,32 @@ def test_class_diversity_per_class():
     got = class_diversity(model, images, labels, batch_size=2)
     assert list(got) == [0, 3, 7]
     assert got[3] == pytest.approx(1.0) and got[0] == pytest.approx(0.0) and math.isnan(got[7])
+
+
+def test_accumulated_class_cosine_equals_the_stacked_computation():
+    """ClassCosine folds batches into per-class sums: equal to mean_pairwise_cosine on all rows at once up to
+    summation order (bound 1e-12 here, values in [-1, 1])."""
+    g = torch.Generator().manual_seed(0)
+    feats = torch.randn(203, 16, generator=g)
+    feats[7] = 0  # a zero row counts as cosine 0 with everything
+    labels = torch.randint(0, 5, (203,), generator=g)
+    labels[-1] = 9  # a class with one image: nan
+    acc = ClassCosine()
+    for s in range(0, 203, 37):
+        acc.add(feats[s:s + 37], labels[s:s + 37])
+    got = acc.result()
+    assert list(got) == [0, 1, 2, 3, 4, 9] and math.isnan(got[9]) and acc.count(9) == 1
+    for c in range(5):
+        assert got[c] == pytest.approx(mean_pairwise_cosine(feats[labels == c]), abs=1e-12)
+        assert acc.count(c) == int((labels == c).sum())
+
+
+def test_streamed_diversity_equals_class_diversity():
+    model = build_student("convnet", ModelShape(4, 1, 12), seed=0)
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(50, 1, 12, 12, generator=g), torch.randint(0, 4, (50,), generator=g)
+    whole = class_diversity(model, images, labels, batch_size=50)
+    streamed = streamed_class_diversity(model, ((images[s:s + 8], labels[s:s + 8]) for s in range(0, 50, 8)))
+    assert list(streamed.result()) == list(whole)
+    for c, v in whole.items():
+        assert streamed.result()[c] == pytest.approx(v, abs=1e-12)

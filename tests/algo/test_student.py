@@ -216,3 +216,32 @@ def test_sre2l_recipe_is_the_reference():
     assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
     assert (ev.loss, ev.temperature, ev.epochs, ev.batch_size) == ("kl", 20.0, 300, 1024)
     assert ev.seeds == [4]
+
+
+def test_a_student_trains_the_same_from_a_resident_or_an_encoded_uint8_set():
+    """The data path of ImageNet-size sets: uint8 pixels, augmented batch by batch on the device; the encoded
+    holding (batches decoded in DataLoader workers) gives the same student, bit for bit."""
+    from prism_ray.algo.encode import decode_pixels, encode_pixels
+    from prism_ray.algo.image_source import EncodedImages, ResidentImages
+    from prism_ray.data.base import Normalization
+
+    x, y = separable_set(4, seed=3, size=8)
+    pixels = (torch.sigmoid(x) * 255).round().to(torch.uint8)
+    norm = Normalization((0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    encoded = EncodedImages.from_blobs([encode_pixels(p, "png") for p in pixels], (3, 8, 8), norm, num_workers=2)
+    assert torch.equal(decode_pixels(bytes(encoded.blob(5)), 3), pixels[5])  # PNG: lossless
+    resident = ResidentImages(pixels, norm)
+    c = cfg(epochs=2, batch_size=4, lr=0.01, loss="mse_ce", ce_weight=0.1)
+    teachers = [ChannelTeacher()]
+    students = []
+    for images in (resident, encoded):
+        def label_fn(epoch, images=images):
+            plan = plan_epoch(len(images), epoch, 3, mix_group=2, source_size=(8, 8), crop_scale=(0.25, 1.0),
+                              cutmix=True)
+            return plan, dense_labels(*soft_labels(images, plan, teachers, out_size=8), 3)
+        model = build_student("convnet", ModelShape(3, 3, 8), seed=1)
+        out = train_student(model, images, label_fn, c, out_size=8, targets=y, seed=2)
+        assert math.isfinite(out["final_loss"]) and out["epochs_run"] == 2
+        students.append(model)
+    for a, b in zip(students[0].state_dict().values(), students[1].state_dict().values()):
+        assert torch.equal(a, b)

@@ -39,7 +39,10 @@ def test_every_stage_committed(finished_run):
     assert len(labels) == 6  # one Parquet file per set per two epochs
 
 
-def test_stored_labels_equal_live_labels(finished_run):
+@pytest.mark.parametrize("holding", ["host", "encoded"])
+def test_stored_labels_equal_live_labels(finished_run, holding):
+    """Labels the relabel stage stored equal labels computed live from the set as a worker holds it: decoded
+    uint8 (on the device; the host here) or encoded and decoded batch by batch in DataLoader workers."""
     cfg = finished_run
     storage = pipeline.open_storage(cfg)
     norm = build_dataset(cfg.data, "train").normalization
@@ -47,7 +50,9 @@ def test_stored_labels_equal_live_labels(finished_run):
     pool = load_pool(cfg.relabel_teachers(), shape, cfg, storage, torch.device("cpu"))
     teachers = [pool[n] for n in cfg.relabel_teachers()]
     for set_name in ("prism", "random_real"):
-        images = load_image_set(storage, set_name, norm, 1).images
+        image_set = load_image_set(storage, set_name, norm, 1, holding=holding, loader_workers=2)
+        assert image_set.holding == holding
+        images = image_set.images
         stored = LabelSource(cfg, storage, set_name, images, 4, None, torch.device("cpu"))
         live_cfg = pipeline_config(cfg.run.output, relabel={"mode": "live", "mix_group": 4, "epochs_per_shard": 2})
         live = LabelSource(live_cfg, storage, set_name, images, 4, teachers, torch.device("cpu"))
@@ -59,6 +64,16 @@ def test_stored_labels_equal_live_labels(finished_run):
                 assert torch.equal(getattr(plan_s, field), getattr(plan_l, field)), field
         # different epochs get different augmentations (the test above is not comparing constants)
         assert not torch.equal(stored(0)[0].crops, stored(1)[0].crops)
+
+
+def test_workers_record_how_they_held_the_sets(finished_run):
+    storage = pipeline.open_storage(finished_run)
+    for prefix in ("relabel", "evaluate/students"):
+        rows = storage.read_table(f"{prefix}/manifest.parquet").to_pylist()
+        assert {r["holding"] for r in rows} == {"host"}  # a few KB: decoded, in memory
+        assert all(r["peak_rss_bytes"] > 0 for r in rows)
+    students = storage.read_table("evaluate/students/manifest.parquet").to_pylist()
+    assert {r["val_images"] for r in students} == {200}  # data.max_val, streamed
 
 
 def test_stored_label_rows_hold_the_plan_and_logits(finished_run):
