@@ -197,3 +197,25 @@ def test_imagenet_shaped_shard_on_cpu():
     assert decode_images(result.encoded, norm).shape == (3, 3, 224, 224)
     assert [r.class_id for r in result.records] == [0, 500, 999]
     assert set(result.records[0].bn_teachers) == set(pool)
+
+
+# sha256 of one shard's 8-bit pixels (what the JPEG/PNG encoder receives), per CPU kernel family: the engine's
+# CPU output is bit-stable for a given torch version and vector unit, so any change to the step's arithmetic
+# shows up here. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build. An entry is
+# updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
+PINNED_PIXELS = {
+    ("2.14.1", "AVX512"): "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a",
+}
+
+
+def test_shard_pixels_are_pinned(pool, norm):
+    import hashlib
+
+    from prism_ray.algo.encode import to_uint8
+
+    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
+    result = synthesize_shard(pool, spec(21), cfg, norm, shape=SHAPE)
+    digest = hashlib.sha256(to_uint8(result.images, norm).numpy().tobytes()).hexdigest()
+    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
+    assert key in PINNED_PIXELS, f"no pinned pixels for torch {key[0]} on {key[1]}: this machine gives {digest}"
+    assert digest == PINNED_PIXELS[key]
