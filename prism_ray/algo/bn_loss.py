@@ -55,7 +55,11 @@ class BNStatisticHooks:
         if not self._terms:
             return None
         terms, self._terms = self._terms, {}
-        return sum(self.weights[i] * t for i, t in sorted(terms.items()))
+        total = None
+        for i, weight in enumerate(self.weights):  # module order, a plain loop: torch.compile traces it whole
+            if i in terms:
+                total = weight * terms[i] if total is None else total + weight * terms[i]
+        return total
 
     def remove(self) -> None:
         for h in self._handles:
