@@ -191,6 +191,8 @@ class TeacherSet:
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
         self.amp, self.channels_last = on_cuda and amp, on_cuda and channels_last
+        if on_cuda:  # every step feeds the teachers the same shape: cuDNN's autotuned kernels pay back at once
+            torch.backends.cudnn.benchmark = True
         self.first_bn_multiplier = first_bn_multiplier
         self.compile = dict(compile) if compile is not None else None
         missing = [n for n in (names or pool) if n not in pool]
@@ -212,6 +214,11 @@ class TeacherSet:
     def forward(self, name: str, x: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Teacher `name` on x: its logits and its BN loss (None without BN layers)."""
         return self._passes[name](x)
+
+    def step_begin(self) -> None:
+        """Mark a new step: compiled CUDA graphs may then reuse the memory of the previous step's outputs."""
+        if self.compile is not None and self.compile.get("mode") in ("reduce-overhead", "max-autotune"):
+            torch.compiler.cudagraph_mark_step_begin()
 
     def close(self) -> None:
         for h in self.hooks.values():
@@ -260,6 +267,7 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
 
     try:
         for step in range(iterations):
+            teachers.step_begin()
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(step, iterations, cfg.lr)  # a Python float: setting it syncs nothing
             step_teachers = selection.next_step()
