@@ -60,32 +60,27 @@ def gpu_peak(name: str) -> tuple[str, float]:
 @functools.lru_cache(maxsize=None)
 def network_flops(arch: str, resolution: int, num_classes: int, in_channels: int = 3) -> dict[str, float]:
     """FLOPs per image of `arch` at `resolution`: 'forward', 'backward_input' (frozen weights, gradient to the
-    input: recover) and 'backward' (all gradients of a network in training: students, squeeze)."""
+    input: recover) and 'backward' (all gradients of a network in training: students, squeeze).
+
+    'backward' is backward_input + forward: a convolution's or matrix product's weight gradient costs
+    exactly its forward FLOPs, and FlopCounterMode overcounts the weight gradient of grouped (depthwise)
+    convolutions by the group count (MobileNetV2 would bill 19x its forward pass).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     from prism_ray.algo.teachers import ModelShape, build_model, freeze
 
     batch = 2  # batch 1 can take special paths; everything counted is linear in the batch
-    shape = ModelShape(num_classes, in_channels, resolution)
     with torch.device("meta"):
-        model = build_model(arch, shape)
-    x = torch.empty(batch, in_channels, resolution, resolution, device="meta")
-    counts = {}
-    model.train()
+        model = freeze(build_model(arch, ModelShape(num_classes, in_channels, resolution)))
+    x = torch.empty(batch, in_channels, resolution, resolution, device="meta", requires_grad=True)
     with FlopCounterMode(display=False) as fc:
         out = model(x)
-    forward = fc.get_total_flops()
+    forward = fc.get_total_flops() / batch
     with FlopCounterMode(display=False) as fc:
         out.float().sum().backward()
-    counts["backward"] = fc.get_total_flops() / batch
-    freeze(model)
-    x.requires_grad_(True)
-    out = model(x)
-    with FlopCounterMode(display=False) as fc:
-        out.float().sum().backward()
-    counts["backward_input"] = fc.get_total_flops() / batch
-    counts["forward"] = forward / batch
-    return counts
+    backward_input = fc.get_total_flops() / batch
+    return {"forward": forward, "backward_input": backward_input, "backward": backward_input + forward}
 
 
 def expected_extra_teachers(rc: RecoverConfig) -> float:
