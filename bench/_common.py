@@ -36,6 +36,34 @@ def machine() -> dict:
     return out
 
 
+def known_gpu() -> str | None:
+    """This machine's GPU as prism_ray.estimate names it (H200, A100, ...), its own name if unknown there,
+    None without a GPU: what bench JSONs record, so that `prism-ray plan --gpu NAME` finds them."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from prism_ray.estimate import GPU_PEAK_TFLOPS
+    raw = torch.cuda.get_device_name(0)
+    squashed = raw.upper().replace(" ", "")
+    for name in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
+        if name.upper().replace(" ", "") in squashed:
+            return name
+    return raw
+
+
+def bf16_peak(gpu: str | None) -> float | None:
+    """Dense bf16 TFLOP/s of a GPU estimate knows, else None."""
+    if not gpu:
+        return None
+    from prism_ray.config import ConfigError
+    from prism_ray.estimate import gpu_peak
+    try:
+        return gpu_peak(gpu)[1]
+    except ConfigError:
+        return None
+
+
 def table(rows: list[dict], columns: list[str]) -> str:
     """rows as a Markdown table with the given columns (missing cells left empty)."""
     def cell(v) -> str:

@@ -29,7 +29,6 @@ DIR/gpu_recover.md (the tables). Exit status 0 when every variant that ran finis
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
@@ -40,7 +39,7 @@ import time
 import warnings
 from pathlib import Path
 
-from _common import machine, table, write_json
+from _common import bf16_peak, known_gpu, machine, table, write_json
 
 import torch  # noqa: E402
 
@@ -116,6 +115,29 @@ def objective(teachers: TeacherSet, x: torch.Tensor, targets: torch.Tensor, cfg:
     return {"ce": ce, "bn": float(bn) if bn is not None else 0.0}
 
 
+def channel_stats_check(device: torch.device) -> dict:
+    """The engine's BN statistics on this device against float64 var_mean of the same (rounded) input:
+    largest relative error of variance, mean and input gradient, per dtype and memory format."""
+    from prism_ray.algo.bn_loss import channel_stats
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 64, 28, 28, generator=g) * 2 + 0.5
+    gv, gm = torch.randn(64, generator=g, dtype=torch.float64), torch.randn(64, generator=g, dtype=torch.float64)
+    out = {}
+    for dtype, fmt in ((torch.float32, torch.contiguous_format), (torch.bfloat16, torch.channels_last),
+                       (torch.float16, torch.contiguous_format)):
+        x = base.to(device, dtype).contiguous(memory_format=fmt).requires_grad_(True)
+        ref = x.detach().double().requires_grad_(True)
+        rv, rm = torch.var_mean(ref, dim=[0, 2, 3], correction=0)
+        ((rv * gv.to(device)).sum() + (rm * gm.to(device)).sum()).backward()
+        v, m = channel_stats(x)
+        ((v.double() * gv.to(device)).sum() + (m.double() * gm.to(device)).sum()).backward()
+        rel = lambda a, b: float(((a.double() - b).abs().max() / b.abs().max()).item())  # noqa: E731
+        out[f"{str(dtype).split('.')[-1]}/{'channels_last' if fmt == torch.channels_last else 'nchw'}"] = {
+            "var": rel(v, rv.detach()), "mean": rel(m, rm.detach()), "grad": rel(x.grad, ref.grad)}
+    return out
+
+
 def child_engine(opts: dict) -> dict:
     size = SIZES[opts["size"]]
     amp, channels_last, mode = ENGINE_VARIANTS[opts["variant"]]
@@ -176,15 +198,19 @@ def child_engine(opts: dict) -> dict:
         names = res.records[0].bn_teachers
         x = res.images.to(device)
         targets = torch.tensor(classes, device=device)
-        fp32 = TeacherSet(pool, device, amp=False, channels_last=False)
-        try:
-            evals = {"fp32": objective(fp32, x, targets, cfg, names)}
-        finally:
-            fp32.close()
-        evals["own"] = objective(teachers, x, targets, cfg, names)
+        teachers.close()  # evaluation runs eager teacher sets; hooks of two sets on one model would mix
+        evals = {}
+        for key, (a, c) in (("fp32", (False, False)), ("own", (amp, channels_last))):
+            plain = TeacherSet(pool, device, amp=a, channels_last=c)
+            try:
+                evals[key] = objective(plain, x, targets, cfg, names)
+            finally:
+                plain.close()
         torch.save({"images": res.images, "init": x0, "history": res.history, "evals": evals, "teachers": names},
                    opts["check_file"])
         out["closeness_file"] = opts["check_file"]
+        if device.type == "cuda":
+            out["channel_stats_check"] = channel_stats_check(device)
     if "concurrent" in tasks:
         ready = Path(opts["wait_dir"])
         (ready / f"ready-{opts['tag']}").touch()
@@ -238,19 +264,6 @@ def child_reference(opts: dict) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- parent side
-
-
-def gpu_name(device: torch.device) -> str | None:
-    """The GPU's name as prism_ray.estimate knows it (H200, A100, ...), else the device's own name."""
-    if device.type != "cuda":
-        return None
-    from prism_ray.estimate import GPU_PEAK_TFLOPS
-    raw = torch.cuda.get_device_name(device)
-    squashed = raw.upper().replace(" ", "")
-    for name in sorted(GPU_PEAK_TFLOPS, key=len, reverse=True):
-        if name.upper().replace(" ", "") in squashed:
-            return name
-    return raw
 
 
 def spawn(opts: dict) -> subprocess.Popen:
@@ -321,7 +334,7 @@ def main() -> int:
     size = SIZES[size_name]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     wanted = args.variants.split(",")
-    from prism_ray.estimate import expected_extra_teachers, gpu_peak, network_flops
+    from prism_ray.estimate import expected_extra_teachers, network_flops
     res, k = size["resolution"], size["classes"]
     flops = {n: network_flops(n, res, k, 3) for n in [PRIMARY, *POOL]}
     with torch.device("meta"):
@@ -331,11 +344,8 @@ def main() -> int:
     engine_flops = per_run[PRIMARY] + p_member * sum(per_run[n] for n in POOL if pool_bn[n])
     reference_flops = 2 * per_run[PRIMARY] + p_member * sum(
         per_run[n] if pool_bn[n] else size["images"] * flops[n]["forward"] for n in POOL)
-    name = gpu_name(device)
-    peak = None
-    if name:
-        with contextlib.suppress(Exception):
-            peak = gpu_peak(name)[1]
+    name = known_gpu()
+    peak = bf16_peak(name)
 
     check_dir = Path(tempfile.mkdtemp(prefix="prism-gpu-check-"))
     results: dict = {}

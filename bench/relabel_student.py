@@ -18,7 +18,7 @@ import argparse
 import inspect
 import time
 
-from _common import default_out, machine, table, write_json
+from _common import bf16_peak, default_out, known_gpu, machine, table, write_json
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -128,8 +128,16 @@ def main() -> None:
                         "batch_size": args.batch_size, "teacher": args.teacher, "student": args.student,
                         "student_epochs_timed": len(timed), "student_kwargs": kwargs},
               "rows": rows}
-    if device.type == "cuda":
-        result["gpu"] = result["machine"]["gpu"]
+    gpu = known_gpu()
+    if gpu:
+        from prism_ray.estimate import network_flops
+        result["gpu"] = gpu
+        peak = bf16_peak(gpu)
+        if peak:  # what `prism-ray plan --gpu` reads: achieved FLOP/s as a fraction of the bf16 peak
+            teacher = network_flops(args.teacher, res, k, 3)["forward"]
+            f = network_flops(args.student, res, k, 3)
+            result["efficiency"] = {"relabel": rows[1]["images_per_s"] * teacher / (peak * 1e12),
+                                    "evaluate": rows[2]["images_per_s"] * (f["forward"] + f["backward"]) / (peak * 1e12)}
     out = write_json(args.out, result)
     print(f"relabel and student throughput at {res} px on {device} ({result['machine']['cpu']}, "
           f"{result['machine']['threads']} threads); set held as: {path}\n")
