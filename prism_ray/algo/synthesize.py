@@ -247,25 +247,24 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
                        f"({', '.join(loaded) or 'empty'})")
     iterations = iterations_for(spec.ipc_index, cfg.iterations, cfg.schedule, cfg.cyclic_step, cfg.cyclic_period)
     own = not isinstance(pool, TeacherSet)
+    if not own:
+        _check_teacher_set(pool, cfg, device, spec)
+    x = initial_images(spec, cfg, init_images, shape).to(device)  # before any hook exists: it may raise
     teachers = TeacherSet(pool, device, amp=cfg.amp, channels_last=cfg.channels_last,
                           first_bn_multiplier=cfg.first_bn_multiplier, compile=compile, names=names) if own else pool
-    if not own:
-        _check_teacher_set(teachers, cfg, device, spec)
-    x = initial_images(spec, cfg, init_images, shape).to(device)
-    if teachers.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    x.requires_grad_(True)
-    low, high = normalization.bounds(x.detach())
-    targets = torch.tensor(spec.class_ids, device=device)
-    optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=1e-8)
-    views = generator(spec.seed, "augment")
-    height, width = x.shape[-2:]
-    scales: dict[str, torch.Tensor] = {}
-    usage: Counter = Counter()
-    ce_history, bn_history = [], []
-    zero = torch.zeros((), device=device)
-
-    try:
+    try:  # from here on the teachers carry hooks: a failure must not leave them behind
+        if teachers.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
+        low, high = normalization.bounds(x.detach())
+        targets = torch.tensor(spec.class_ids, device=device)
+        optimizer = torch.optim.Adam([x], lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), eps=1e-8)
+        views = generator(spec.seed, "augment")
+        height, width = x.shape[-2:]
+        scales: dict[str, torch.Tensor] = {}
+        usage: Counter = Counter()
+        ce_history, bn_history = [], []
+        zero = torch.zeros((), device=device)
         for step in range(iterations):
             teachers.step_begin()
             for group in optimizer.param_groups:
