@@ -32,6 +32,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -383,6 +384,7 @@ def main() -> int:
                     time.sleep(0.05)
                 (wait_dir / "go").touch()
                 outs = [collect(c, remaining()) for c in children]
+                shutil.rmtree(wait_dir, ignore_errors=True)
                 if any("error" in o for o in outs):
                     runs[procs] = {"error": next(o["error"] for o in outs if "error" in o)}
                     break
