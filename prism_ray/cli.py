@@ -49,8 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", help=f"comma-separated subset of {','.join(STAGES)}")
     for stage in STAGES:
         _add_run_args(sub.add_parser(stage, help=f"run the {stage} stage only"))
-    p = sub.add_parser("plan", help="print what a run would do, without running anything")
+    p = sub.add_parser("plan", help="print what a run would do and its GPU-hours, without running anything")
     _add_config_args(p)
+    p.add_argument("--gpu", default="H200", help="GPU the bill is for: H100, H200, A100, A10G, L4, RTX 4090")
+    p.add_argument("--gpus", type=int, help="also estimate the wall time on this many GPUs")
+    p.add_argument("--efficiency", type=float, help="fraction of the GPU's bf16 peak to assume for every stage")
+    p.add_argument("--bench", action="append", metavar="JSON",
+                   help="bench JSON measured on that GPU (default: bench/results/*.json here, if any)")
     p = sub.add_parser("validate", help="check a config and print it resolved")
     _add_config_args(p)
     p = sub.add_parser("index", help="list the data set once into index files that runs can share (data.index)")
@@ -134,8 +139,11 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{split}: {len(idx):,} images, {len(idx.class_names):,} classes{checked} -> {out}/{index_name(split)}")
         return EXIT_OK
     if args.command == "plan":
-        from prism_ray import plan
-        print(plan.describe(cfg))
+        from prism_ray import estimate, plan
+        n = plan.num_classes_for(cfg)
+        print(plan.describe(cfg, n))
+        print("\n".join(estimate.bill_lines(estimate.bill(cfg, n, args.gpu, args.efficiency, args.bench),
+                                             args.gpus)))
         return EXIT_OK
     if args.command == "run":
         stages = args.stages.split(",") if args.stages else list(cfg.run.stages)

@@ -5,25 +5,15 @@ Figures: shards and images per recover set, optimization steps, teacher forward+
 """
 from __future__ import annotations
 
-from math import comb
-
 from prism_ray.algo.schedule import iterations_for
 from prism_ray.config import Config, RecoverConfig
+from prism_ray.estimate import expected_extra_teachers
 from prism_ray.formatting import human_bytes
 
 # Bytes per pixel (all channels) of stored synthetic images, measured on recover outputs: synthetic images
 # are high-frequency, so they compress worse than photos (see README, storage figures).
 BYTES_PER_PIXEL = {("jpeg", 1): 0.55, ("jpeg", 3): 0.75, ("png", 1): 0.95, ("png", 3): 2.6}
 MANIFEST_BYTES_PER_IMAGE = 120
-
-
-def expected_extra_teachers(rc: RecoverConfig) -> float:
-    """Mean number of extra BN teachers per step: slots filled with slot_prob, capped by the pool (no repeats)."""
-    if rc.selection == "fixed":
-        return float(len([n for n in rc.fixed if n != rc.primary]))
-    pool = len([n for n in rc.bn_pool if n != rc.primary])
-    n, p = rc.slots, rc.slot_prob
-    return sum(comb(n, k) * p ** k * (1 - p) ** (n - k) * min(k, pool) for k in range(n + 1))
 
 
 def recover_figures(rc: RecoverConfig, num_classes: int, channels: int, resolution: int) -> dict:
@@ -48,8 +38,8 @@ def num_classes_for(cfg: Config) -> int:
     return data_context(cfg, write=False).num_classes  # reads data.index or the run's index; lists only without
 
 
-def describe(cfg: Config) -> str:
-    n = num_classes_for(cfg)
+def describe(cfg: Config, num_classes: int | None = None) -> str:
+    n = num_classes or num_classes_for(cfg)
     d = cfg.data
     lines = [f"run {cfg.run.name} -> {cfg.run.output}",
              f"data: {d.dataset}, {n} classes, {d.channels}x{d.resolution}x{d.resolution}"]

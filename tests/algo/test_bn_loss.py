@@ -98,3 +98,32 @@ def test_average_modes_with_a_bn_free_teacher():
     assert average_bn_loss({"alexnet": None}, "reference") is None
     with pytest.raises(ValueError, match="bn_average"):
         average_bn_loss({"p": a}, "mean")
+
+
+@pytest.mark.parametrize("shape", [(4, 3, 5, 7), (6, 5), (3, 4, 9)])
+def test_channel_stats_and_gradient_match_var_mean(shape):
+    # the fast statistics against torch.var_mean, values and gradients, for 4-D, 2-D and 3-D BN inputs
+    from prism_ray.algo.bn_loss import channel_stats
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * 3 + 2).requires_grad_(True)
+    gv, gm = torch.randn(shape[1], generator=g, dtype=torch.float64), torch.randn(shape[1], generator=g,
+                                                                                  dtype=torch.float64)
+    dims = [d for d in range(len(shape)) if d != 1]
+    var_ref, mean_ref = torch.var_mean(x, dim=dims, correction=0)
+    (grad_ref,) = torch.autograd.grad((var_ref * gv).sum() + (mean_ref * gm).sum(), x)
+    var, mean = channel_stats(x)
+    (grad,) = torch.autograd.grad((var * gv).sum() + (mean * gm).sum(), x)
+    assert var.dtype == mean.dtype == torch.float32  # fp32 statistics whatever the input's dtype
+    assert torch.allclose(var.double(), var_ref, rtol=1e-6) and torch.allclose(mean.double(), mean_ref, atol=1e-6)
+    assert grad.dtype == x.dtype and torch.allclose(grad, grad_ref, rtol=1e-5, atol=1e-7)
+
+
+def test_channel_stats_of_bf16_activations_are_fp32_and_close():
+    from prism_ray.algo.bn_loss import channel_stats
+
+    x = torch.randn(8, 4, 6, 6, generator=torch.Generator().manual_seed(2)) * 2 + 1
+    var, mean = channel_stats(x.to(torch.bfloat16))
+    var_ref, mean_ref = torch.var_mean(x.to(torch.bfloat16).float(), dim=[0, 2, 3], correction=0)
+    assert var.dtype == torch.float32 and torch.allclose(var, var_ref, rtol=1e-5)
+    assert torch.allclose(mean, mean_ref, atol=1e-5)

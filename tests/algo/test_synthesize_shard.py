@@ -197,3 +197,95 @@ def test_imagenet_shaped_shard_on_cpu():
     assert decode_images(result.encoded, norm).shape == (3, 3, 224, 224)
     assert [r.class_id for r in result.records] == [0, 500, 999]
     assert set(result.records[0].bn_teachers) == set(pool)
+
+
+# sha256 of one shard's 8-bit pixels (what the JPEG/PNG encoder receives), per CPU kernel family: the engine's
+# CPU output is bit-stable for a given torch version and vector unit, so any change to the step's arithmetic
+# shows up here. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build. An entry is
+# updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
+PINNED_PIXELS = {
+    ("2.14.1", "AVX512"): "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a",
+}
+
+
+def test_shard_pixels_are_pinned(pool, norm):
+    import hashlib
+
+    from prism_ray.algo.encode import to_uint8
+
+    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
+    result = synthesize_shard(pool, spec(21), cfg, norm, shape=SHAPE)
+    digest = hashlib.sha256(to_uint8(result.images, norm).numpy().tobytes()).hexdigest()
+    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
+    assert key in PINNED_PIXELS, f"no pinned pixels for torch {key[0]} on {key[1]}: this machine gives {digest}"
+    assert digest == PINNED_PIXELS[key]
+
+
+def test_encoding_waits_for_the_first_read(pool, norm):
+    from prism_ray.algo.encode import encode_images
+
+    cfg = recover_cfg(iterations=2, image_format="png")
+    result = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    assert result._encoded is None  # not encoded inside the shard's compute
+    files = result.encoded
+    assert files == encode_images(result.images, norm, "png") and result.encoded is files
+    with pytest.raises(ValueError, match="exactly one of encoded"):
+        type(result)(result.spec, result.images, "png", result.records, 2, {}, 0.0)
+
+
+def test_a_teacher_set_kept_across_shards_gives_the_same_images(pool, norm):
+    from prism_ray.algo.synthesize import TeacherSet
+
+    cfg = recover_cfg(selection="intra", iterations=4)
+    plain = [synthesize_shard(pool, spec(s), cfg, norm, shape=SHAPE) for s in (3, 4)]
+    teachers = TeacherSet(pool, "cpu", first_bn_multiplier=cfg.first_bn_multiplier)
+    try:
+        kept = [synthesize_shard(teachers, spec(s), cfg, norm, shape=SHAPE) for s in (3, 4)]
+        with pytest.raises(ValueError, match=r"first_bn_multiplier=10.0 \(the config needs 2.0\)"):
+            synthesize_shard(teachers, spec(), recover_cfg(first_bn_multiplier=2.0), norm, shape=SHAPE)
+    finally:
+        teachers.close()
+    for a, b in zip(plain, kept):
+        assert torch.equal(a.images, b.images) and a.history == b.history
+    assert [h for m in pool.values() for layer in m.modules() for h in layer._forward_hooks.values()] == []
+
+
+def test_compiled_teachers_give_the_same_images(pool, norm):
+    # aot_eager: dynamo traces each teacher with its BN hooks and AOTAutograd splits forward and backward
+    # without generating code, so CPU results stay bit-identical; Inductor is measured by bench/gpu_recover.py
+    import torch._dynamo
+
+    cfg = recover_cfg(selection="fixed", fixed=["bn_a", "bn_b"], iterations=3)
+    eager = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE)
+    torch._dynamo.reset()
+    compiled = synthesize_shard(pool, spec(), cfg, norm, shape=SHAPE, compile={"backend": "aot_eager"})
+    assert torch.equal(eager.images, compiled.images) and eager.history == compiled.history
+    assert torch._dynamo.utils.counters["graph_break"] == {}  # hooks and their loss traced in one graph
+
+
+def test_inference_form_with_amp_is_a_bf16_copy():
+    from prism_ray.algo.bn_loss import BNStatisticHooks
+    from prism_ray.algo.synthesize import inference_form
+    from prism_ray.algo.teachers import ConvNet
+
+    model = ConvNet(10, 1, width=4, depth=2)
+    hooks = BNStatisticHooks(model)
+    form = inference_form(model, amp=True)
+    assert form is not model and not form.training
+    convs = [m for m in form.modules() if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in form.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(c.weight.dtype == torch.bfloat16 for c in convs) and form.classifier.weight.dtype == torch.bfloat16
+    assert all(b.weight.dtype == b.running_var.dtype == torch.float32 for b in bns)  # statistics stay fp32
+    assert all(not m._forward_hooks for m in form.modules())  # the original's hooks are not copied
+    assert all(p.dtype == torch.float32 and not p.requires_grad for p in model.parameters())
+    hooks.remove()
+    assert inference_form(model) is model  # no amp, no channels_last: the model itself
+
+
+def test_a_failing_shard_leaves_no_hooks_on_the_pool(pool, norm):
+    # hooks left behind would keep recording (and holding activations) in every later forward pass
+    with pytest.raises(ValueError, match="init_images"):
+        synthesize_shard(pool, spec(), recover_cfg(init="real"), norm)
+    with pytest.raises(ValueError, match="beta parameter"):  # Adam refuses it after the hooks exist
+        synthesize_shard(pool, spec(), recover_cfg(betas=[2.0, 0.9]), norm, shape=SHAPE)
+    assert [h for m in pool.values() for layer in m.modules() for h in layer._forward_hooks.values()] == []

@@ -1,0 +1,63 @@
+"""The CPU benchmarks of bench/, each run end to end at toy sizes through its command line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_bench(script: str, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc
+
+
+def test_recover_engine_bench(tmp_path):
+    out = tmp_path / "engine.json"
+    proc = run_bench("recover_engine.py", "--images", "2", "--resolution", "32", "--iterations", "1",
+                     "--shards", "2", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert [m["teacher"] for m in data["members"]] == ["resnet18 (primary)", "mobilenet_v2", "efficientnet_b0",
+                                                       "shufflenet_v2_x0_5", "alexnet"]
+    assert data["setup"]["member_probability"] == pytest.approx(1.5 / 4)  # 3 slots at 0.5 over 4 members
+    assert len(data["sampled_pre_shards"]) == 2 and data["expected_step_ms"]["ratio"] > 0
+    assert data["at_reference_mean_iterations"]["iterations"] == 2250
+    assert set(data["selection"]) == {"pre", "intra", "expected_bn_extras_per_step"}
+    assert "| teacher | engine_ms | reference_ms | note |" in proc.stdout
+
+
+def test_relabel_student_bench(tmp_path):
+    out = tmp_path / "relabel.json"
+    proc = run_bench("relabel_student.py", "--images", "4", "--resolution", "32", "--classes", "10",
+                     "--mix-group", "2", "--batch-size", "2", "--epochs", "2", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert data["device"] == "cpu" and data["setup"]["images"] == 4
+    whats = [r["what"] for r in data["rows"]]
+    assert whats[0].startswith("relabel data path") and whats[1].startswith("soft labels (resnet18")
+    assert whats[2].startswith("student training (resnet18")
+    assert all(r["images_per_s"] > 0 for r in data["rows"])
+    assert "images_per_s" in proc.stdout
+
+
+@pytest.mark.slow
+def test_orchestration_bench_local_and_s3(tmp_path):
+    out = tmp_path / "orch.json"
+    run_bench("orchestration.py", "--shards", "6", "--small", "3", "--images", "3", "--resolution", "32",
+              "--shard-seconds", "0.05", "--s3-shard-seconds", "0.05", "--s3-check-seconds", "0.1",
+              "--s3-check-shards", "2,4", "--workers", "1,2", "--out", str(out))
+    data = json.loads(out.read_text())
+    assert set(data["commit_s_per_shard"]) == {"local", "s3", "s3-unsaturated"}
+    # local: 1 and 2 workers, two shard counts each; S3: the largest worker count
+    assert sorted((r["storage"], r["workers"], r["shards"]) for r in data["runs"]) == [
+        ("local", 1, 3), ("local", 1, 6), ("local", 2, 3), ("local", 2, 6), ("s3", 2, 3), ("s3", 2, 6),
+        ("s3-unsaturated", 2, 2), ("s3-unsaturated", 2, 4)]
+    assert [f["storage"] for f in data["fits"]] == ["local", "local", "s3", "s3-unsaturated"]
+    assert [s["workers"] for s in data["scaling_local"]] == [1, 2]
+    assert data["scaling_local"][0]["efficiency"] == pytest.approx(1.0)
+    assert data["setup"]["jpeg_bytes_per_image"] > 0
