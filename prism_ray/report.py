@@ -276,9 +276,10 @@ def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> 
     return buf.getvalue()
 
 
-# Columns of a student's manifest row that measure the machine, not the result: left out of results.parquet,
-# so that a run repeated with the same seed gives the same results table byte for byte.
-TIMING_COLUMNS = ("train_seconds", "storage_retries")
+# Columns of a student's manifest row that describe the machine, not the result (times, retries, memory, and
+# where the set was held, which follows the memory free): left out of results.parquet, so that a run repeated
+# with the same seed gives the same results table byte for byte.
+MACHINE_COLUMNS = ("train_seconds", "storage_retries", "peak_rss_bytes", "holding")
 
 
 def archive_other_ipc(storage: Storage, ipc: int) -> None:
@@ -299,7 +300,7 @@ def archive_other_ipc(storage: Storage, ipc: int) -> None:
 def write_report(storage: Storage) -> dict:
     figures = collect(storage)
     archive_other_ipc(storage, figures["ipc"])
-    results = [{k: v for k, v in r.items() if k not in TIMING_COLUMNS} for r in figures["results"]]
+    results = [{k: v for k, v in r.items() if k not in MACHINE_COLUMNS} for r in figures["results"]]
     storage.write_table(f"{REPORT}/results.parquet", pa.Table.from_pylist(results))
     storage.write_bytes(f"{REPORT}/report.md", markdown(figures).encode())
     storage.write_json(f"{REPORT}/report.json", {k: v for k, v in figures.items() if k not in ("config",)})

@@ -24,8 +24,7 @@ def test_ci_shape_rehearsal(tmp_path):
     for name in ("recover", "relabel", "evaluate", "plan", "status", "resume scan"):
         assert steps[name]["requests"]["data"]["LIST"] == 0, name
     reports = {r["stage"]: r for name in ("recover", "relabel", "evaluate") for r in steps[name]["reports"]}
-    assert set(reports) == {"recover/prism", "recover/sre2l", "recover/random_real", "relabel", "evaluate/diversity",
-                            "evaluate/students"}
+    assert set(reports) == {"recover/prism", "relabel", "evaluate/diversity", "evaluate/students"}  # PRISM alone
     assert all(r["complete"] for r in reports.values())
     assert reports["recover/prism"]["total"] == 2 * 10  # IPC 2 x 10 groups of 100 classes
     assert reports["recover/prism"]["images"] == 2000

@@ -54,7 +54,6 @@ class StageReport:
                 f"started, {self.workers_lost} lost; {self.requeued} unit(s) requeued")
 
 
-
 class Progress:
     """One line per finished unit: done/total, images per second, ETA (to stderr, or silent)."""
 

@@ -122,7 +122,7 @@ class DiversityWorker(Worker):
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed
         res = self.stage.store.commit(unit.id, [(f"per_class/{unit.id}.parquet", blob)], [row])
-        return {"images": 0, "committed": res.committed}
+        return {"images": 0, "committed": res.committed, "storage_retries": res.storage_retries}
 
 
 class StudentStage(Stage):
@@ -227,4 +227,4 @@ class StudentWorker(Worker):
         blob, row = computed
         res = self.stage.store.commit(unit.id, [(f"weights/{unit.id}.pt", blob)], [row])
         self.stage.storage.delete(checkpoint_key(unit))
-        return {"images": 0, "committed": res.committed, "top1": row["top1"]}
+        return {"images": 0, "committed": res.committed, "storage_retries": res.storage_retries, "top1": row["top1"]}

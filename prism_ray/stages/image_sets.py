@@ -34,7 +34,7 @@ from prism_ray.memory import host_memory_available, peak_rss_bytes
 from prism_ray.stages.base import StageError
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.stages.squeeze import data_fingerprint
-from prism_ray.storage import COMBINED, Storage, sha256, translate_errors
+from prism_ray.storage import COMBINED, Storage, read_objects, sha256, translate_errors
 
 HOLDINGS = ("auto", "device", "host", "encoded")
 GPU_RESERVE_BYTES = 2 << 30  # GPU memory left free for the model, its activations and the teachers, at least...
@@ -105,10 +105,9 @@ def _verified_chunks(storage: Storage, set_name: str, rows: list[dict]):
         chunk = rows[start:start + CHUNK]
         paths = [storage.path(f"{prefix}/{r['path']}") for r in chunk]
         with translate_errors("cannot read", storage.uri(prefix)):
-            got = storage.fs.cat(paths)
+            got = read_objects(storage.fs, paths)  # ranged GETs: no HEAD per image
         blobs = []
-        for r, p in zip(chunk, paths):
-            data = got.get(p)
+        for r, data in zip(chunk, got):
             if not isinstance(data, bytes):
                 raise StageError(f"{storage.uri(prefix)}/{r['path']}: listed in the manifest but cannot be read "
                                  f"({data!r})")

@@ -146,7 +146,8 @@ class RecoverWorker(Worker):
             outputs.append((image_path(record.class_id, record.ipc_index, result.extension), data))
             rows.append({**record.to_row(), "source_index": None, "init_ssim": score, "init_ssim_ref": ref})
         committed = self.stage.store.commit(unit.id, outputs, rows, schema=IMAGE_SCHEMA)
-        return {"images": len(outputs), "committed": committed.committed, "seconds": result.seconds,
+        return {"images": len(outputs), "committed": committed.committed,
+                "storage_retries": committed.storage_retries, "seconds": result.seconds,
                 "loss_ce": sum(r.loss_ce for r in result.records) / len(result.records)}
 
 
@@ -215,4 +216,4 @@ class RandomRealWorker(Worker):
     def commit(self, unit: Unit, computed) -> dict:
         outputs, rows = computed
         res = self.stage.store.commit(unit.id, outputs, rows, schema=IMAGE_SCHEMA)
-        return {"images": len(outputs), "committed": res.committed}
+        return {"images": len(outputs), "committed": res.committed, "storage_retries": res.storage_retries}

@@ -240,4 +240,4 @@ class RelabelWorker(Worker):
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed
         res = self.stage.store.commit(unit.id, [(labels_path(unit), blob)], [row])
-        return {"images": 0, "committed": res.committed}
+        return {"images": 0, "committed": res.committed, "storage_retries": res.storage_retries}

@@ -90,4 +90,5 @@ class SqueezeWorker(Worker):
     def commit(self, unit: Unit, computed: tuple[bytes, dict]) -> dict:
         blob, row = computed
         result = self.stage.store.commit(unit.id, [(f"teachers/{unit.id}.pt", blob)], [row])
-        return {"images": 0, "committed": result.committed, "val_top1": row["val_top1"], "seconds": row["seconds"]}
+        return {"images": 0, "committed": result.committed, "storage_retries": result.storage_retries,
+                "val_top1": row["val_top1"], "seconds": row["seconds"]}

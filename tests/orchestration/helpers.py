@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import posixpath
 
+from prism_ray import pipeline
 from prism_ray.config_loader import config_from_dict
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.storage import ShardStore, Storage
@@ -24,6 +25,19 @@ def recover_config(output: str, *, ipc: int = 6, classes: int = 4, group: int = 
     for key, value in sections.items():
         raw.setdefault(key, {}).update(value)
     return config_from_dict(raw)
+
+
+def planned_stage(cfg, stage_name: str = "recover", record_plan: bool = True):
+    """(stage, storage): the run recorded and one stage built and checked, nothing computed yet (what a driver
+    does before it dispatches)."""
+    storage = pipeline.open_storage(cfg)
+    context = pipeline.data_context(cfg)
+    pipeline.record_run(cfg, storage, context)
+    (stage,) = pipeline.build_stages(cfg, storage, context, [stage_name])
+    stage.check_config()
+    if record_plan:
+        pipeline.record_plan(stage)
+    return stage, storage
 
 
 def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, expected_images: int) -> None:

@@ -21,7 +21,7 @@ from prism_ray import pipeline
 from prism_ray.orchestration.dispatch import run_stage_ray
 from prism_ray.stages.recover import RecoverStage
 from prism_ray.storage import ShardStore
-from tests.orchestration.helpers import check_exactly_once, recover_config
+from tests.orchestration.helpers import check_exactly_once, planned_stage, recover_config
 
 pytestmark = pytest.mark.slow
 
@@ -44,11 +44,7 @@ def cluster():
 
 
 def _start_stage(cfg):
-    storage = pipeline.open_storage(cfg)
-    context = pipeline.data_context(cfg)
-    pipeline.record_run(cfg, storage, context)
-    (stage,) = pipeline.build_stages(cfg, storage, context, ["recover"])
-    stage.check_config()
+    stage, storage = planned_stage(cfg, record_plan=False)
     result = {}
 
     def drive():

@@ -9,23 +9,12 @@ from prism_ray.cli import main
 from prism_ray.orchestration.local import run_stage_local
 from prism_ray.status import watch
 from tests.data.test_datasets import make_image_folder
-from tests.orchestration.helpers import recover_config
-
-
-def _planned_stage(cfg):
-    """A run recorded and its recover stage planned, nothing computed yet (what a driver writes first)."""
-    storage = pipeline.open_storage(cfg)
-    context = pipeline.data_context(cfg)
-    pipeline.record_run(cfg, storage, context)
-    (stage,) = pipeline.build_stages(cfg, storage, context, ["recover"])
-    stage.check_config()
-    pipeline.record_plan(stage)
-    return stage, storage
+from tests.orchestration.helpers import planned_stage, recover_config
 
 
 def test_watch_refreshes_until_the_run_completes(tmp_path):
     cfg = recover_config(str(tmp_path / "run"), ipc=2, iterations=3)
-    stage, storage = _planned_stage(cfg)
+    stage, storage = planned_stage(cfg)
     units = stage.units()
     worker = stage.open_worker()
     ticks = []
@@ -52,7 +41,7 @@ def test_watch_ends_with_failed_units(tmp_path):
     cfg = recover_config(str(tmp_path / "run"), ipc=2, classes=2, group=2, iterations=3,
                          data={"dataset": "image_folder", "train": str(data / "train"), "channels": 3,
                                "resolution": 16, "max_per_class": None, "verify": False})  # met by a worker
-    stage, storage = _planned_stage(cfg)
+    stage, storage = planned_stage(cfg)
     report = run_stage_local(stage, max_attempts=1, quiet=True)
     assert list(report.failed) == ["ipc0001-cls0000-0001"]
     out = io.StringIO()
@@ -64,7 +53,7 @@ def test_watch_ends_with_failed_units(tmp_path):
 
 def test_watch_through_the_cli_on_a_finished_run(tmp_path, capsys):
     cfg = recover_config(str(tmp_path / "run"), ipc=1, iterations=2)
-    stage, storage = _planned_stage(cfg)
+    stage, storage = planned_stage(cfg)
     assert run_stage_local(stage, quiet=True).complete
     assert main(["status", str(tmp_path / "run"), "--watch", "--interval", "0.1"]) == 0
     out = capsys.readouterr().out
@@ -80,7 +69,7 @@ def test_watch_waits_for_a_run_that_has_not_started(tmp_path):
     def start_and_finish(_seconds):
         calls.append(1)
         if len(calls) == 2:  # the run starts after two refreshes and finishes at once
-            stage, _ = _planned_stage(cfg)
+            stage, _ = planned_stage(cfg)
             run_stage_local(stage, quiet=True)
 
     out = io.StringIO()

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import pytest
 
-from prism_ray import pipeline, storage as storage_module
+from prism_ray import storage as storage_module
 from prism_ray.orchestration.local import run_stage_local
 from prism_ray.stages.recover import RecoverWorker
 from prism_ray.status import run_status
 from prism_ray.storage import Backoff, Storage, TransientStorageError
-from tests.orchestration.helpers import recover_config
+from tests.orchestration.helpers import planned_stage, recover_config
 
 
 @pytest.fixture
@@ -40,24 +40,14 @@ def flaky_writes(monkeypatch, needle: str, failures: int) -> list[str]:
     return failed
 
 
-def recover_stage(cfg):
-    storage = pipeline.open_storage(cfg)
-    context = pipeline.data_context(cfg)
-    pipeline.record_run(cfg, storage, context)
-    (stage,) = pipeline.build_stages(cfg, storage, context, ["recover"])
-    stage.check_config()
-    pipeline.record_plan(stage)
-    return stage, storage
-
-
 def test_commit_fails_twice_then_commits_without_a_second_compute(tmp_path, monkeypatch, counted_computes):
     monkeypatch.setattr(storage_module, "Backoff", lambda: Backoff(tries=4, first_delay=0.01))
     cfg = recover_config(str(tmp_path / "run"), ipc=2, classes=2, group=2, iterations=3)
-    stage, storage = recover_stage(cfg)
+    stage, storage = planned_stage(cfg)
     failed = flaky_writes(monkeypatch, "manifests/ipc0001", 2)  # the second shard's manifest, twice
     report = run_stage_local(stage, max_attempts=1, quiet=True)
     assert report.complete and report.failed == {} and report.attempts == 2
-    assert len(failed) == 2
+    assert len(failed) == 2 and report.storage_retries == 2  # the stage's report counts them too
     assert sorted(counted_computes) == ["ipc0000-cls0000-0001", "ipc0001-cls0000-0001"]  # each computed once
     rows = stage.store.read("ipc0001-cls0000-0001").to_pylist()
     assert {r["storage_retries"] for r in rows} == {2}
@@ -68,7 +58,7 @@ def test_commit_fails_twice_then_commits_without_a_second_compute(tmp_path, monk
 def test_storage_failures_are_kept_apart_from_compute_failures(tmp_path, monkeypatch, counted_computes):
     monkeypatch.setattr(storage_module, "Backoff", lambda: Backoff(tries=2, first_delay=0.01))
     cfg = recover_config(str(tmp_path / "run"), ipc=2, classes=2, group=2, iterations=3)
-    stage, storage = recover_stage(cfg)
+    stage, storage = planned_stage(cfg)
     flaky_writes(monkeypatch, "images/00001/00001_ipc0001", 100)  # one image of the second shard, always
     report = run_stage_local(stage, max_attempts=2, quiet=True)
     assert list(report.failed) == ["ipc0001-cls0000-0001"]
