@@ -6,7 +6,8 @@ then runs real RelabelWorker / StudentWorker units in fresh processes and prints
 peak RSS of the worker process (VmHWM) and of its DataLoader processes, load time, images/s. `--old REV`
 runs the same units with the code of git revision REV (exported to a temp folder), for the before/after.
 
-Usage: python bench/image_sets.py [--images 5000] [--only relabel-host,student-encoded,...] [--old REV]
+Usage: python bench/image_sets.py [--images 5000] [--student resnet18] [--teacher resnet18] [--only relabel-host,...]
+       [--old REV] [--keep DIR]
 Cases: relabel-{host,encoded} (resnet18 teacher), student-{host,encoded} (student --student, 1 epoch,
 stored labels from the relabel case), augment (per-image vs batched augmentation of one batch).
 """
@@ -82,12 +83,12 @@ import torch
 from prism_ray.config_loader import config_from_dict
 from prism_ray.stages.base import RunContext, Unit
 from prism_ray.storage import Storage
-root, case, student, holding = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+root, case, student, holding, teacher = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5]
 raw = {
     "run": {"name": "bench", "output": f"{root}/run", "seed": 0},
     "data": {"dataset": "image_folder", "train": f"{root}/train", "val": f"{root}/val", "channels": 3,
              "resolution": 224, "classes": 100},
-    "teachers": {"models": [{"name": "resnet18", "arch": "resnet18", "weights": "random"},
+    "teachers": {"models": [{"name": "resnet18", "arch": teacher, "weights": "random"},
                             {"name": "student_arch", "arch": student, "weights": "random"}]},
     "recover": {"primary": "resnet18", "ipc": 50, "class_group": 100},
     "baselines": {"random_real": False},
@@ -135,9 +136,10 @@ print("RESULT " + json.dumps(out), flush=True)
 '''
 
 
-def run_worker(code_root: Path, root: Path, case: str, student: str, holding: str, commit: bool = False) -> dict:
+def run_worker(code_root: Path, root: Path, case: str, student: str, holding: str, commit: bool = False,
+               teacher: str = "resnet18") -> dict:
     env = {**os.environ, "PYTHONPATH": str(code_root)}
-    args = [sys.executable, "-c", WORKER, str(root), case, student, holding] + (["--commit"] if commit else [])
+    args = [sys.executable, "-c", WORKER, str(root), case, student, holding, teacher] + (["--commit"] if commit else [])
     out = subprocess.run(args, env=env, capture_output=True, text=True, cwd=str(code_root))
     if out.returncode:
         raise SystemExit(f"{case} {holding} failed:\n{out.stderr[-3000:]}")
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--val", type=int, default=1000)
     ap.add_argument("--student", default="resnet18")
+    ap.add_argument("--teacher", default="resnet18", help="the relabel teacher's architecture (probe: ~free, so "
+                                                         "the data path and memory are what is measured)")
     ap.add_argument("--only", default="augment,relabel-host,relabel-encoded,student-host,student-encoded")
     ap.add_argument("--old", default=None, help="git revision to compare with (its code is exported to a temp dir)")
     ap.add_argument("--keep", default=None, help="folder for the generated data (reused when it exists)")
@@ -213,13 +217,14 @@ def main() -> None:
                 continue
             kind, holding = case.split("-")
             if kind == "student" and not labels_done:  # stored labels for the student units
-                run_worker(new_root, root, "relabel", args.student, "host", commit=True)
+                run_worker(new_root, root, "relabel", args.student, "host", commit=True, teacher=args.teacher)
                 labels_done = True
-            res = run_worker(new_root, root, kind, args.student, holding, commit=(kind == "relabel"))
+            res = run_worker(new_root, root, kind, args.student, holding, commit=(kind == "relabel"), teacher=args.teacher)
             labels_done = labels_done or kind == "relabel"
-            print(json.dumps({"case": case, "code": "new", "student": args.student, **res}), flush=True)
+            print(json.dumps({"case": case, "code": "new", "student": args.student, "teacher": args.teacher, **res}),
+                  flush=True)
             if old_root is not None and holding == "host":
-                res = run_worker(old_root, root, kind, args.student, "default")
+                res = run_worker(old_root, root, kind, args.student, "default", teacher=args.teacher)
                 print(json.dumps({"case": case, "code": f"old ({args.old})", "student": args.student, **res}),
                       flush=True)
 
