@@ -15,6 +15,7 @@ tensors is accepted too, as `TensorImages`: small sets and tests.
 """
 from __future__ import annotations
 
+import gc
 import io
 import warnings
 from typing import Iterator, Sequence
@@ -54,14 +55,36 @@ def loader_worker_init(worker_id: int) -> None:
         reopen()
 
 
+class ForkingLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes fork from a parent with no garbage left to collect.
+
+    Its workers are forked from whatever process holds the loader: a Ray actor, or a driver with an S3
+    client, gRPC channels and server threads. Garbage cycles left in that parent are inherited; when the
+    child's collector frees them, their destructors release handles that belong to the parent's threads
+    (sockets, SSL and gRPC objects). That is the likeliest cause of a loader worker's death in one CI run
+    ("double free or corruption"; not reproduced in 30 runs of the test alone). So the parent collects
+    before forking and freezes what is left, which the children's collectors then never visit (it also
+    spares them copying every page an object header sits on)."""
+
+    def _get_iterator(self):
+        if self.num_workers == 0:
+            return super()._get_iterator()
+        gc.collect()
+        gc.freeze()
+        try:
+            return super()._get_iterator()  # forks the workers
+        finally:
+            gc.unfreeze()
+
+
 def stream(dataset, batch_size: int, *, num_workers: int = 0,
            device: torch.device | str = "cpu") -> torch.utils.data.DataLoader:
     """A DataLoader over `dataset` in order: `num_workers` processes read, decode and resize batches in
     parallel (a data set with `__getitems__` reads a batch at once), pinned for the copy to a GPU. At most
     num_workers x 2 batches are in flight, whatever the data set's size."""
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                                       pin_memory=torch.device(device).type == "cuda",
-                                       worker_init_fn=loader_worker_init if num_workers else None)
+    return ForkingLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                         pin_memory=torch.device(device).type == "cuda",
+                         worker_init_fn=loader_worker_init if num_workers else None)
 
 
 class ImageSource:
@@ -212,7 +235,7 @@ class EncodedImages(ImageSource):
         order = order.cpu().numpy()
         data = _DecodeBatches(self, [order[s:e] for s, e in ranges])
         workers = min(self.num_workers, len(data))
-        loader = torch.utils.data.DataLoader(
+        loader = ForkingLoader(
             data, batch_size=None, shuffle=False, num_workers=workers, pin_memory=device.type == "cuda",
             prefetch_factor=self.prefetch_factor if workers else None,
             worker_init_fn=loader_worker_init if workers else None)

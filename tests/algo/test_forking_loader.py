@@ -1,0 +1,54 @@
+"""Loader workers fork from processes full of other people's objects (Ray, S3 clients, test servers): they
+must never run the destructors of the parent's garbage, which release handles the parent's threads own."""
+from __future__ import annotations
+
+import gc
+import os
+
+import torch
+
+from prism_ray.algo.image_source import stream
+
+
+class _Cycle:
+    """Garbage the collector must find (a reference cycle) whose finalizer records the process it ran in."""
+
+    def __init__(self, log):
+        self.log, self.me = log, self
+
+    def __del__(self):
+        with open(self.log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+
+
+class _CollectingItems(torch.utils.data.Dataset):
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        gc.collect()  # what a worker's collector does sooner or later, as it allocates
+        return torch.tensor(i)
+
+
+def _finalizing_pids(log, make_loader) -> set[int]:
+    gc.disable()  # the cycle must still be garbage when the workers fork
+    try:
+        _Cycle(log)
+        assert [int(x) for b in make_loader() for x in b] == [0, 1, 2, 3]
+    finally:
+        gc.enable()
+        gc.collect()
+    return {int(line) for line in log.read_text().split()}
+
+
+def test_a_plain_dataloader_finalizes_the_parents_garbage_in_its_workers(tmp_path):
+    """The hazard: with a plain DataLoader the parent's garbage is finalized in the forked workers."""
+    pids = _finalizing_pids(tmp_path / "plain", lambda: torch.utils.data.DataLoader(
+        _CollectingItems(), batch_size=2, num_workers=2))
+    assert os.getpid() in pids and len(pids - {os.getpid()}) >= 1
+
+
+def test_stream_workers_never_finalize_the_parents_garbage(tmp_path):
+    pids = _finalizing_pids(tmp_path / "stream", lambda: stream(_CollectingItems(), 2, num_workers=2))
+    assert pids == {os.getpid()}
+    assert gc.get_freeze_count() == 0  # the parent's objects are collectable again once the workers run
