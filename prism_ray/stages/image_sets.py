@@ -30,6 +30,7 @@ from prism_ray.algo.image_source import EncodedImages, ImageSource, ResidentImag
 from prism_ray.config import Config
 from prism_ray.data.base import Normalization
 from prism_ray.formatting import human_bytes
+from prism_ray.host_claims import host_claims, release_claim
 from prism_ray.memory import host_memory_available, peak_rss_bytes
 from prism_ray.stages.base import StageError
 from prism_ray.stages.recover import recover_prefix
@@ -63,13 +64,14 @@ class ImageSet:
 
 
 def choose_holding(decoded_bytes: int, device: torch.device, *, gpu_free: int = 0, gpu_total: int = 0,
-                   host_available: int = 0) -> tuple[str, str]:
+                   host_available: int = 0, host_claimed: int = 0) -> tuple[str, str]:
     """(holding, reason) for a set whose decoded uint8 size is `decoded_bytes`.
 
     On a GPU worker the set goes on the GPU when it fits in the free memory less a reserve of
     max(2 GiB, 25% of the GPU) for the networks; otherwise, and on CPU workers, in host memory when it
     takes at most half of the memory available; otherwise it stays encoded and batches are decoded in
-    DataLoader workers.
+    DataLoader workers. `host_claimed`: memory other workers on this machine have claimed for sets they are
+    loading and not taken yet (`prism_ray.host_claims`); it is not available.
     """
     if device.type == "cuda":
         reserve = max(GPU_RESERVE_BYTES, int(GPU_RESERVE_FRACTION * gpu_total))
@@ -79,7 +81,11 @@ def choose_holding(decoded_bytes: int, device: torch.device, *, gpu_free: int = 
         where = f"does not fit on the GPU ({gpu}); "
     else:
         where = ""
-    host = f"host memory available {human_bytes(host_available)}, at most {HOST_FRACTION:.0%} for a set"
+    host_available = max(0, host_available - host_claimed)
+    host = f"host memory available {human_bytes(host_available)}"
+    if host_claimed:
+        host += f" after {human_bytes(host_claimed)} claimed by other workers loading sets on this machine"
+    host += f", at most {HOST_FRACTION:.0%} for a set"
     if decoded_bytes <= HOST_FRACTION * host_available:
         return "host", f"{human_bytes(decoded_bytes)} uint8 {where}fits in host memory ({host})"
     return "encoded", f"{human_bytes(decoded_bytes)} uint8 {where}does not fit in host memory ({host})"
@@ -158,14 +164,17 @@ def load_image_set(storage: Storage, set_name: str, normalization: Normalization
     shape = (channels, height, width)
     decoded = n * channels * height * width
     reason = "asked for"
-    if holding == "auto":
-        gpu_free = gpu_total = 0
-        if device.type == "cuda":
-            gpu_free, gpu_total = torch.cuda.mem_get_info(device)
-        holding, reason = choose_holding(decoded, device, gpu_free=gpu_free, gpu_total=gpu_total,
-                                         host_available=host_memory_available())
-    if holding == "device" and device.type != "cuda":
-        holding = "host"  # on a CPU worker the host is the device
+    with host_claims() as claims:  # decide and claim under the machine's lock: see prism_ray.host_claims
+        if holding == "auto":
+            gpu_free = gpu_total = 0
+            if device.type == "cuda":
+                gpu_free, gpu_total = torch.cuda.mem_get_info(device)
+            holding, reason = choose_holding(decoded, device, gpu_free=gpu_free, gpu_total=gpu_total,
+                                             host_available=host_memory_available(),
+                                             host_claimed=claims.outstanding())
+        if holding == "device" and device.type != "cuda":
+            holding = "host"  # on a CPU worker the host is the device
+        claims.claim({"host": decoded, "encoded": sum(int(r["bytes"]) for r in rows)}.get(holding, 0))
     labels = torch.tensor([r["class_id"] for r in rows], dtype=torch.int64)
     paths = [r["path"] for r in rows]
 
@@ -177,6 +186,7 @@ def load_image_set(storage: Storage, set_name: str, normalization: Normalization
     try:
         images = _fill(holding, all_chunks(), rows, names, shape, normalization, device, loader_workers, pool)
     finally:
+        release_claim()  # loaded (now counted in this process's memory) or failed
         if pool is not None:
             pool.shutdown()
     return ImageSet(set_name, images, labels, paths, holding, reason, time.perf_counter() - t0)
