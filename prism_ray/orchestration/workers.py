@@ -39,7 +39,12 @@ def one_line(text: str) -> str:
 
 
 def _this_node() -> dict:
-    return {"node_id": ray.get_runtime_context().get_node_id(), "node_ip": ray.util.get_node_ip_address()}
+    """This worker's node: its id, and the address it registered with (`ray start --node-ip-address`), which
+    is what `ray status` and the operator know; `ray.util.get_node_ip_address()` in a worker gives the
+    machine's first interface instead (192.0.2.2 for a node bound to 127.0.0.1)."""
+    node_id = ray.get_runtime_context().get_node_id()
+    registered = next((n.get("NodeManagerAddress") for n in ray.nodes() if n.get("NodeID") == node_id), None)
+    return {"node_id": node_id, "node_ip": registered or ray.util.get_node_ip_address()}
 
 
 def require_gpu(node: dict, gpus_per_worker: float) -> None:
