@@ -20,7 +20,10 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     A local instance binds to loopback only: it is for one machine, and must not open ports outward. While the
     session lasts, SIGTERM and SIGINT ask the dispatch loop to stop (see `stopping`).
     """
-    if cfg.address and cfg.address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost"):
+    local = cfg.address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
+    if local or (cfg.address and cfg.address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")):
+        # a local instance too: without it Ray registers the node (and binds its agents) at the machine's
+        # interface address, whatever _node_ip_address says
         _keep_loopback_addresses()
     import ray
 
