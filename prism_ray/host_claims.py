@@ -92,5 +92,4 @@ def host_claims(folder: str | Path | None = None) -> Iterator[HostClaims]:
 
 def release_claim(folder: str | Path | None = None) -> None:
     """Forget this process's claim (its set is loaded and counted in its memory, or dropped)."""
-    folder = Path(folder) if folder is not None else DEFAULT_DIR
-    (folder / f"{os.getpid()}.json").unlink(missing_ok=True)
+    HostClaims(Path(folder) if folder is not None else DEFAULT_DIR).claim(0)

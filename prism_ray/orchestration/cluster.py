@@ -20,7 +20,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     A local instance binds to loopback only: it is for one machine, and must not open ports outward. While the
     session lasts, SIGTERM and SIGINT ask the dispatch loop to stop (see `stopping`).
     """
-    local = cfg.address in (None, "", "local") and not os.environ.get("RAY_ADDRESS")
+    joins_env = cfg.address in (None, "") and bool(os.environ.get("RAY_ADDRESS"))  # inside `ray job submit`
+    local = not joins_env and cfg.address in (None, "", "local")
     if local or (cfg.address and cfg.address.split("://")[-1].split(":")[0] in ("127.0.0.1", "localhost")):
         # a local instance too: without it Ray registers the node (and binds its agents) at the machine's
         # interface address, whatever _node_ip_address says
@@ -35,9 +36,9 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
         return
     kwargs = dict(namespace=cfg.namespace, logging_level=logging.WARNING, log_to_driver=True)
     try:
-        if cfg.address in (None, "") and os.environ.get("RAY_ADDRESS"):
+        if joins_env:
             ray.init(**kwargs)  # inside `ray job submit` (or RAY_ADDRESS set): join that cluster
-        elif cfg.address in (None, "", "local"):
+        elif local:
             ray.init(address="local", _node_ip_address=LOOPBACK, num_cpus=cfg.num_cpus, include_dashboard=False,
                      **kwargs)
         else:

@@ -175,8 +175,6 @@ def load_image_set(storage: Storage, set_name: str, normalization: Normalization
         if holding == "device" and device.type != "cuda":
             holding = "host"  # on a CPU worker the host is the device
         claims.claim({"host": decoded, "encoded": sum(int(r["bytes"]) for r in rows)}.get(holding, 0))
-    labels = torch.tensor([r["class_id"] for r in rows], dtype=torch.int64)
-    paths = [r["path"] for r in rows]
 
     def all_chunks():
         yield first_start, first_blobs
@@ -189,7 +187,8 @@ def load_image_set(storage: Storage, set_name: str, normalization: Normalization
         release_claim()  # loaded (now counted in this process's memory) or failed
         if pool is not None:
             pool.shutdown()
-    return ImageSet(set_name, images, labels, paths, holding, reason, time.perf_counter() - t0)
+    labels = torch.tensor([r["class_id"] for r in rows], dtype=torch.int64)
+    return ImageSet(set_name, images, labels, [r["path"] for r in rows], holding, reason, time.perf_counter() - t0)
 
 
 def _fill(holding, chunks, rows, names, shape, normalization, device, loader_workers, pool) -> ImageSource:
