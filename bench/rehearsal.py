@@ -3,9 +3,9 @@
 It makes an ImageNet-shaped data set (bench/imagenet_shape.py) in a moto S3 server (its own process, on
 127.0.0.1), puts a request-counting proxy in front of it (tests/support/s3_proxy.py), and runs
 jobs/configs/imagenet-ipc50.yaml stage by stage through the CLI, each stage a fresh driver on a local Ray
-with 2 workers. Compute is made tiny by overrides: random-weight ShuffleNetV2 x0.5 networks under every
-teacher name, 1 recover iteration, 1 label and student epoch, one seed, a ShuffleNetV2 x0.5 student.
-Everything else keeps the real shape: 1000 classes, IPC 50, 224 px, 500 recover shards per method, three
+with 2 workers. Compute is made tiny by overrides: random-weight `probe` networks (one convolution) under
+every teacher name and as the student, 1 recover iteration, 1 label and student epoch, one seed, scoring
+batches of 100. Everything else keeps the real shape: 1000 classes, IPC 50, 224 px, 500 recover shards per method, three
 sets (PRISM, SRe2L, random real), the four-teacher relabel ensemble, 10,000 validation images.
 
 Per stage it prints wall time, the driver's and the workers' peak RSS (each process reports its own), the
@@ -109,6 +109,10 @@ def overrides(shape: Shape, proxy_url: str) -> list[str]:
         *(["baselines.recover={sre2l: {preset: sre2l, iterations: 1}}"] if shape.baselines else
           ["baselines.recover={}", "baselines.random_real=false"]),
         "evaluate.epochs=1", "evaluate.seeds=[0]", f"evaluate.students=[{SMALL_ARCH}]", "evaluate.checkpoint_every=1",
+        # scoring and diversity batches of 100, not 500: a float32 batch of 500 at 224 px is 0.3 GB, and a
+        # worker with one loader process has ~3 in flight; on CPU workers the network's activations on them
+        # are host memory too (1.6 GB at 500 for ShuffleNetV2 x0.5, bench/worker_memory.py)
+        "evaluate.val_batch_size=100",
         "ray.address=", "ray.workers=2", "ray.gpus_per_worker=0", "ray.cpus_per_worker=1",
     ]
     return [x for s in sets for x in ("--set", s)]

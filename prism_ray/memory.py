@@ -20,7 +20,6 @@ GiB = 2 ** 30
 PROCESS_BASE = 1 * GiB  # a worker process with torch, torchvision, Ray and pyarrow imported: ~0.8 GB measured
 CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context and cuDNN/cuBLAS workspaces of one process
 LOADER_PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
-DIVERSITY_BATCH = 256
 
 
 def peak_rss_bytes() -> int:
@@ -140,21 +139,39 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
                                                   f"activations with gradients"))
     sets = set_bytes(cfg, num_classes)
     label_teachers = [cfg.teacher(n).arch for n in cfg.relabel_teachers()]
+    epoch_labels, shard_labels = label_bytes(cfg, num_classes)
     if "relabel" in stages and cfg.relabel.mode == "stored":
-        out.append(_place("relabel", cfg, 0, sets + _inference_bytes(label_teachers, shape, cfg.relabel.mix_group),
-                          "one uint8 set and the label teachers"))
+        # a shard's file being built while the previous one uploads, and one epoch's labels as tensor and table
+        out.append(_place("relabel", cfg, 2 * shard_labels + 2 * epoch_labels,
+                          sets + _inference_bytes(label_teachers, shape, cfg.relabel.mix_group),
+                          "one uint8 set, the label teachers, label shards being written"))
     if "evaluate" in stages:
         e = cfg.evaluate
         live = _inference_bytes(label_teachers, shape, e.batch_size) if cfg.relabel.mode == "live" else 0
-        student = max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2) for a in e.students)
+        # training and scoring take turns: the larger of the two is the peak
+        student = max(max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2),
+                          int(_inference_bytes([a], shape, e.val_batch_size) * amp)) for a in e.students)
         loader = max(1, int(cfg.ray.cpus_per_worker)) * LOADER_PREFETCH * e.val_batch_size * d.channels * \
             d.resolution ** 2 * 4
-        out.append(_place("student", cfg, loader, sets + student + live,
-                          "one uint8 set, the student in training, validation batches"))
+        # a stored shard's file, one epoch decoded from it, and that epoch's labels as float32 for the loss
+        dense = num_classes * cfg.recover.ipc * num_classes * 4
+        labels = shard_labels + epoch_labels + dense if cfg.relabel.mode == "stored" else dense
+        out.append(_place("student", cfg, loader + labels, sets + student + live,
+                          "one uint8 set, the student in training, validation batches, one epoch's labels"))
         net = cfg.teacher(cfg.evaluate.diversity_network or cfg.recover.primary).arch
-        out.append(_place("diversity", cfg, 0, sets + _inference_bytes([net], shape, DIVERSITY_BATCH),
-                          "one uint8 set and the feature network"))
+        batch = e.val_batch_size * d.channels * d.resolution ** 2 * 4  # the float batch fed to the network
+        out.append(_place("diversity", cfg, 0, sets + batch + int(_inference_bytes([net], shape, e.val_batch_size)
+                                                                 * amp),
+                          f"one uint8 set and the feature network on batches of {e.val_batch_size}"))
     return out
+
+
+def label_bytes(cfg: Config, num_classes: int) -> tuple[int, int]:
+    """(one epoch, one shard) of stored soft labels for a set, uncompressed: fp16 logits (or top-k values and
+    indices) plus the plan's columns per image."""
+    from prism_ray.stages.relabel import label_row_bytes
+    epoch = num_classes * cfg.recover.ipc * label_row_bytes(cfg, num_classes)
+    return epoch, epoch * min(cfg.relabel.epochs_per_shard, cfg.relabel_epochs())
 
 
 def for_stage(cfg: Config, num_classes: int, worker_kind: str | None) -> WorkerMemory | None:

@@ -98,6 +98,7 @@ class DiversityWorker(Worker):
         """(images, labels) batches of the unit's set, on the device: never the whole set as float."""
         batch = self.stage.cfg.evaluate.val_batch_size
         if unit.id == REAL:  # decoded and resized in DataLoader workers, batch by batch
+            self.sets.drop()  # no set is needed here: do not hold one under the streamed batches
             subset = torch.utils.data.Subset(self.train, self.real_sample())
             yield from stream(subset, batch, num_workers=self.workers, device=self.device)
             return

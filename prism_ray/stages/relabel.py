@@ -25,7 +25,7 @@ from prism_ray.formatting import human_bytes
 from prism_ray.memory import peak_rss_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.image_sets import ImageSetCache, loader_workers, set_inputs, sets_fingerprint
-from prism_ray.storage import Storage, table_bytes
+from prism_ray.storage import Storage
 from prism_ray.teacher_pool import best_device, load_pool, model_shape
 
 RELABEL_PREFIX = "relabel"
@@ -50,14 +50,19 @@ def labels_path(unit: Unit) -> str:
     return f"labels/{unit.id}.parquet"
 
 
+def label_row_bytes(cfg: Config, num_classes: int) -> int:
+    """Bytes of one stored label row: fp16 logits (or top-k values and class indices) and the plan's columns."""
+    k = cfg.relabel.topk or num_classes
+    index_bytes = 2 if num_classes < 2 ** 15 else 4
+    return 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26
+
+
 def relabel_figures(cfg: Config, num_classes: int) -> dict:
     """Files and bytes of stored labels per set (fp16 logits, before compression) and the teachers' image
     forwards per set, for `plan`. Live labels are recomputed by every student training of the set."""
     n_images = num_classes * cfg.recover.ipc
     epochs = cfg.relabel_epochs()
-    k = cfg.relabel.topk or num_classes
-    index_bytes = 2 if num_classes < 2 ** 15 else 4
-    per_row = 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26  # logits (+ indices), plan columns
+    per_row = label_row_bytes(cfg, num_classes)
     files = -(-epochs // cfg.relabel.epochs_per_shard)
     size = n_images * epochs * per_row
     teachers = cfg.relabel_teachers()
@@ -105,6 +110,16 @@ def plan_table(plan: EpochPlan, values: torch.Tensor, indices: torch.Tensor | No
     return pa.table(cols)
 
 
+# Rows per Parquet row group of a label shard: about 16 MB of logits. Parquet's writer builds a whole row
+# group's levels and pages before it writes them; one group per 50,000-row ImageNet epoch took 0.9 GB on
+# top of a 0.1 GB table (bench/worker_memory.py), groups of this size about 0.1 GB.
+LABEL_ROW_GROUP_BYTES = 16 * 2 ** 20
+
+
+def label_row_group(table: pa.Table) -> int:
+    return max(1, LABEL_ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
+
+
 def _fixed_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks()
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
@@ -144,7 +159,7 @@ class LabelSource:
         self.cfg, self.storage, self.set_name = cfg, storage, set_name
         self.images, self.num_classes, self.teachers, self.device = images, num_classes, teachers, device
         self._shard_id: str | None = None
-        self._table: pa.Table | None = None
+        self._blob: bytes | None = None
 
     def __call__(self, epoch: int) -> tuple[EpochPlan, torch.Tensor]:
         if self.cfg.relabel.mode == "live":
@@ -152,11 +167,15 @@ class LabelSource:
                                                          epoch, self.device)
         else:
             unit = shard_for_epoch(self.cfg, self.set_name, epoch)
-            if unit.id != self._shard_id:  # one shard (epochs_per_shard epochs) held at a time
-                key = f"{RELABEL_PREFIX}/{labels_path(unit)}"
-                self._table = pq.read_table(io.BytesIO(self.storage.read_bytes(key)))
+            if unit.id != self._shard_id:  # one shard's file (epochs_per_shard epochs) held at a time
+                self._blob = None
+                self._blob = self.storage.read_bytes(f"{RELABEL_PREFIX}/{labels_path(unit)}")
                 self._shard_id = unit.id
-            plan, values, indices = read_epoch(self._table, epoch, self.cfg.relabel.mix_group)
+            # only this epoch's row groups are decoded (their statistics name the epoch)
+            table = pq.read_table(pa.BufferReader(self._blob), filters=[("epoch", "=", epoch)])
+            plan, values, indices = read_epoch(table, epoch, self.cfg.relabel.mix_group)
+            del table  # the tensors are copies: give Arrow's buffers back before the epoch's training
+            pa.default_memory_pool().release_unused()
         return plan, dense_labels(values, indices, self.num_classes)
 
 
@@ -226,16 +245,27 @@ class RelabelWorker(Worker):
         images = image_set.images
         e0, e1 = unit.payload["epochs"]
         t0 = time.perf_counter()
-        tables = []
-        for epoch in range(e0, e1):
-            plan, values, indices = compute_epoch_labels(cfg, unit.payload["set"], images, self.teachers, epoch,
-                                                         self.device)
-            tables.append(plan_table(plan, values, indices))
-        table = pa.concat_tables(tables)
-        return table_bytes(table), {"set": unit.payload["set"], "epoch_start": e0, "epoch_stop": e1,
-                                    "rows": table.num_rows, "images": len(images),
-                                    "seconds": time.perf_counter() - t0, "holding": image_set.holding,
-                                    "peak_rss_bytes": peak_rss_bytes()}
+        sink, writer, rows = io.BytesIO(), None, 0
+        try:  # epoch by epoch into the file: the shard's epochs never exist together as Arrow tables
+            for epoch in range(e0, e1):
+                plan, values, indices = compute_epoch_labels(cfg, unit.payload["set"], images, self.teachers,
+                                                             epoch, self.device)
+                table = plan_table(plan, values, indices)
+                del plan, values, indices
+                if writer is None:
+                    writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+                writer.write_table(table, row_group_size=label_row_group(table))
+                rows += table.num_rows
+                del table
+        finally:
+            if writer is not None:
+                writer.close()
+        blob = sink.getvalue()
+        del sink
+        pa.default_memory_pool().release_unused()  # the writer's buffers: give them back before the next unit
+        return blob, {"set": unit.payload["set"], "epoch_start": e0, "epoch_stop": e1, "rows": rows,
+                      "images": len(images), "seconds": time.perf_counter() - t0, "holding": image_set.holding,
+                      "peak_rss_bytes": peak_rss_bytes()}
 
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed

@@ -88,6 +88,10 @@ def test_diversity_streamed_equals_the_in_memory_computation(tmp_path):
     got = per_class("prism")
     for c in want:
         assert got[c] == pytest.approx(want[c], abs=1e-12)
+    # the real-data reference streams without the last set held under it (the rehearsal's 10 GB worker)
+    assert worker.sets.current is not None and worker.sets.current.name == "prism"
+    assert list(per_class(REAL)) == [0, 1, 2, 3]
+    assert worker.sets.current is None
 
 
 def write_folder(fs_put, root: str, n: int, size: int, classes: int = 10) -> None:
