@@ -120,6 +120,26 @@ def label_row_group(table: pa.Table) -> int:
     return max(1, LABEL_ROW_GROUP_BYTES * table.num_rows // max(1, table.nbytes))
 
 
+def write_label_shard(tables) -> tuple[bytes, int]:
+    """A label shard's Parquet file from its epochs' tables, written one epoch at a time (the shard's epochs
+    never exist together as Arrow tables) in row groups of ~LABEL_ROW_GROUP_BYTES; returns (file, rows)."""
+    sink, writer, rows = io.BytesIO(), None, 0
+    try:
+        for table in tables:
+            if writer is None:
+                writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
+            writer.write_table(table, row_group_size=label_row_group(table))
+            rows += table.num_rows
+            del table
+    finally:
+        if writer is not None:
+            writer.close()
+    blob = sink.getvalue()
+    del sink
+    pa.default_memory_pool().release_unused()  # the writer's buffers: give them back before the next unit
+    return blob, rows
+
+
 def _fixed_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
     arr = col.combine_chunks()
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
@@ -245,24 +265,14 @@ class RelabelWorker(Worker):
         images = image_set.images
         e0, e1 = unit.payload["epochs"]
         t0 = time.perf_counter()
-        sink, writer, rows = io.BytesIO(), None, 0
-        try:  # epoch by epoch into the file: the shard's epochs never exist together as Arrow tables
+
+        def epoch_tables():
             for epoch in range(e0, e1):
                 plan, values, indices = compute_epoch_labels(cfg, unit.payload["set"], images, self.teachers,
                                                              epoch, self.device)
-                table = plan_table(plan, values, indices)
-                del plan, values, indices
-                if writer is None:
-                    writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
-                writer.write_table(table, row_group_size=label_row_group(table))
-                rows += table.num_rows
-                del table
-        finally:
-            if writer is not None:
-                writer.close()
-        blob = sink.getvalue()
-        del sink
-        pa.default_memory_pool().release_unused()  # the writer's buffers: give them back before the next unit
+                yield plan_table(plan, values, indices)
+
+        blob, rows = write_label_shard(epoch_tables())
         return blob, {"set": unit.payload["set"], "epoch_start": e0, "epoch_stop": e1, "rows": rows,
                       "images": len(images), "seconds": time.perf_counter() - t0, "holding": image_set.holding,
                       "peak_rss_bytes": peak_rss_bytes()}
