@@ -166,10 +166,17 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     return out
 
 
+def label_row_bytes(cfg: Config, num_classes: int) -> int:
+    """Bytes of one stored label row (prism_ray.stages.relabel's format), uncompressed: fp16 logits (or top-k
+    values and class indices) and the plan's columns."""
+    k = cfg.relabel.topk or num_classes
+    index_bytes = 2 if num_classes < 2 ** 15 else 4
+    return 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26
+
+
 def label_bytes(cfg: Config, num_classes: int) -> tuple[int, int]:
     """(one epoch, one shard) of stored soft labels for a set, uncompressed: fp16 logits (or top-k values and
     indices) plus the plan's columns per image."""
-    from prism_ray.stages.relabel import label_row_bytes
     epoch = num_classes * cfg.recover.ipc * label_row_bytes(cfg, num_classes)
     return epoch, epoch * min(cfg.relabel.epochs_per_shard, cfg.relabel_epochs())
 

@@ -22,7 +22,7 @@ from prism_ray.algo.soft_labels import EpochPlan, dense_labels, plan_epoch, soft
 from prism_ray.config import Config
 from prism_ray.data import dataset_normalization
 from prism_ray.formatting import human_bytes
-from prism_ray.memory import peak_rss_bytes
+from prism_ray.memory import label_row_bytes, peak_rss_bytes
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.image_sets import ImageSetCache, loader_workers, set_inputs, sets_fingerprint
 from prism_ray.storage import Storage
@@ -48,13 +48,6 @@ def shard_for_epoch(cfg: Config, set_name: str, epoch: int) -> Unit:
 
 def labels_path(unit: Unit) -> str:
     return f"labels/{unit.id}.parquet"
-
-
-def label_row_bytes(cfg: Config, num_classes: int) -> int:
-    """Bytes of one stored label row: fp16 logits (or top-k values and class indices) and the plan's columns."""
-    k = cfg.relabel.topk or num_classes
-    index_bytes = 2 if num_classes < 2 ** 15 else 4
-    return 2 * k + (index_bytes * k if cfg.relabel.topk else 0) + 26
 
 
 def relabel_figures(cfg: Config, num_classes: int) -> dict:
