@@ -49,25 +49,35 @@ def jpeg(arr: np.ndarray, quality: int = 75) -> bytes:
     return buf.getvalue()
 
 
-def build(root: Path, images: int, val_images: int) -> dict:
-    """Run folder with the committed set `prism`, train and val ImageFolders; returns the bench's facts."""
+def commit_set(storage, set_names: list[str], classes: int, ipc: int, g: np.random.Generator) -> int:
+    """A committed 224 px JPEG set of classes x ipc images (as recover commits one: a shard per IPC index, then
+    the combined manifest), written under each of `set_names` (the same files); returns its encoded bytes."""
     from prism_ray.stages.recover import recover_prefix
-    from prism_ray.storage import ShardStore, Storage
+    from prism_ray.storage import ShardStore
 
-    g = np.random.default_rng(0)
-    storage = Storage(str(root / "run"))
-    store = ShardStore(storage, recover_prefix("prism"))
-    ipc = images // CLASSES
+    stores = [ShardStore(storage, recover_prefix(name)) for name in set_names]
     total = 0
     for k in range(ipc):
         outputs, rows = [], []
-        for c in range(CLASSES):
+        for c in range(classes):
             data = jpeg(picture(g, (224, 224)))
             total += len(data)
-            outputs.append((f"images/{c:03d}/{c:03d}_ipc{k}.jpg", data))
+            outputs.append((f"images/{c:04d}/{c:04d}_ipc{k}.jpg", data))
             rows.append({"class_id": c, "ipc_index": k})
-        store.commit(f"ipc{k:03d}", outputs, rows)
-    store.write_combined()
+        for store in stores:
+            store.commit(f"ipc{k:03d}", outputs, rows)
+    for store in stores:
+        store.write_combined()
+    return total
+
+
+def build(root: Path, images: int, val_images: int) -> dict:
+    """Run folder with the committed set `prism`, train and val ImageFolders; returns the bench's facts."""
+    from prism_ray.storage import Storage
+
+    g = np.random.default_rng(0)
+    ipc = images // CLASSES
+    total = commit_set(Storage(str(root / "run")), ["prism"], CLASSES, ipc, g)
     for split, n in (("train", CLASSES), ("val", val_images)):
         for i in range(n):
             size = (int(g.integers(300, 500)), int(g.integers(300, 500)))

@@ -37,7 +37,7 @@ sys.path.insert(0, str(HERE))
 
 import numpy as np  # noqa: E402
 
-from image_sets import jpeg, picture  # noqa: E402
+from image_sets import commit_set, jpeg, picture  # noqa: E402
 
 CLASSES = 1000
 SET_NAMES = ["prism", "sre2l", "random_real"]
@@ -47,25 +47,11 @@ def build(run_uri: str, storage_cfg: dict, data_root: Path, images: int, sets: i
     """One committed 224 px set, written under `sets` set names (same files), and one-image-per-class
     train and val ImageFolders (the workers read class names from them)."""
     from prism_ray.config import StorageConfig
-    from prism_ray.stages.recover import recover_prefix
-    from prism_ray.storage import ShardStore, Storage
+    from prism_ray.storage import Storage
 
     g = np.random.default_rng(0)
-    storage = Storage(run_uri, StorageConfig(**storage_cfg))
-    stores = [ShardStore(storage, recover_prefix(name)) for name in SET_NAMES[:sets]]
     ipc = images // CLASSES
-    total = 0
-    for k in range(ipc):
-        outputs, rows = [], []
-        for c in range(CLASSES):
-            data = jpeg(picture(g, (224, 224)))
-            total += len(data)
-            outputs.append((f"images/{c:04d}/{c:04d}_ipc{k}.jpg", data))
-            rows.append({"class_id": c, "ipc_index": k})
-        for store in stores:
-            store.commit(f"ipc{k:03d}", outputs, rows)
-    for store in stores:
-        store.write_combined()
+    total = commit_set(Storage(run_uri, StorageConfig(**storage_cfg)), SET_NAMES[:sets], CLASSES, ipc, g)
     for split in ("train", "val"):
         for c in range(CLASSES):
             path = data_root / split / f"c{c:04d}" / "0.jpg"

@@ -123,7 +123,6 @@ def write_label_shard(tables) -> tuple[bytes, int]:
                 writer = pq.ParquetWriter(sink, table.schema, compression="zstd")
             writer.write_table(table, row_group_size=label_row_group(table))
             rows += table.num_rows
-            del table
     finally:
         if writer is not None:
             writer.close()
@@ -181,7 +180,7 @@ class LabelSource:
         else:
             unit = shard_for_epoch(self.cfg, self.set_name, epoch)
             if unit.id != self._shard_id:  # one shard's file (epochs_per_shard epochs) held at a time
-                self._blob = None
+                self._blob = None  # the previous file is freed before the next is read, not after
                 self._blob = self.storage.read_bytes(f"{RELABEL_PREFIX}/{labels_path(unit)}")
                 self._shard_id = unit.id
             # only this epoch's row groups are decoded (their statistics name the epoch)
