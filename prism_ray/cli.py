@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                            help="refresh from storage until the run completes (exit 0), or stops with failed units "
                                 "(exit 1)")
             p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between refreshes (5)")
+    p = sub.add_parser("export", help="write one set of a run as an ImageFolder tree or Hugging Face Parquet, with "
+                                      "a dataset card")
+    p.add_argument("run_uri", help="the run's output URI (run.output)")
+    p.add_argument("--set", dest="set_name", required=True, metavar="NAME", help="the set (e.g. prism, random_real)")
+    p.add_argument("--to", required=True, metavar="DIR_OR_URI", help="an empty folder or prefix (local, s3://...)")
+    p.add_argument("--format", required=True, choices=["imagefolder", "parquet"])
+    p.add_argument("--soft-labels", action="store_true", help="also copy the set's stored soft labels")
+    p.add_argument("--endpoint-url", help="S3 endpoint for both URIs (default: AWS_ENDPOINT_URL)")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
@@ -120,6 +128,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         from prism_ray import report
         return report.print_report(storage, as_json=args.json)
 
+    if args.command == "export":
+        from prism_ray.config import StorageConfig
+        from prism_ray.export import export_set
+        from prism_ray.storage import Storage
+        storage_cfg = StorageConfig(endpoint_url=args.endpoint_url)
+        export_set(Storage(args.run_uri, storage_cfg), args.set_name, Storage(args.to, storage_cfg), args.format,
+                   soft_labels=args.soft_labels, say=lambda line: print(line, file=sys.stderr))
+        return EXIT_OK
     if args.command == "sweep":
         from prism_ray.sweep import load_sweep, run_sweep
         sweep = load_sweep(args.grid, args.config, args.overrides)

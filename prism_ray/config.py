@@ -137,9 +137,31 @@ RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_qu
 
 
 @dataclass
+class ImportedSetConfig:
+    """An image set made elsewhere, evaluated like the run's own (docs/sets.md has the rules)."""
+
+    uri: str = _f(doc="where the set is: an ImageFolder tree (class folders named like the data's classes, or "
+                      "numbered new003 / class003 / 003 as SRe2L, PRISM and RDED write them) or Parquet (a file, or a "
+                      "folder of .parquet files)")
+    format: Literal["auto", "image_folder", "parquet"] = _f(
+        "auto", doc="auto: parquet when the URI is a .parquet file or a folder of .parquet files, else image_folder")
+    ipc: Optional[int] = _f(None, ge=1, doc="images per class the set declares: a class with more is refused; "
+                                            "empty = recover.ipc")
+    image_column: str = _f("image", doc="parquet: the image column (bytes, or a struct of bytes and path as Hugging "
+                                        "Face writes it)")
+    label_column: str = _f("label", doc="parquet: the label column (class ids, or ClassLabel names in the Hugging "
+                                        "Face schema metadata)")
+    method: str = _f("", doc="what made the set, for the report and export cards (e.g. 'SRe2L release'); "
+                             "changes nothing")
+
+
+@dataclass
 class BaselinesConfig:
     random_real: bool = _f(True, doc="a seeded random real subset with the same IPC")
     recover: dict[str, dict] = _f(factory=dict, doc="extra recover methods: name -> recover overrides (preset...)")
+    imported: dict[str, ImportedSetConfig] = _f(
+        factory=dict, doc="sets made elsewhere, by name: indexed, checked and committed by the recover stage, then "
+                          "relabelled and evaluated like the run's own sets")
 
 
 @dataclass
@@ -238,11 +260,15 @@ class Config:
         return methods
 
     def sets(self) -> list[str]:
-        """Names of the image sets the run relabels and evaluates."""
+        """Names of the image sets the run relabels and evaluates: its recovers, random real, imported sets."""
         names = list(self.recover_methods())
         if self.baselines.random_real:
             names.append(RANDOM_REAL)
-        return names
+        return names + list(self.baselines.imported)
+
+    def imported_ipc(self, name: str) -> int:
+        """The IPC an imported set declares (its own `ipc`, else the run's)."""
+        return self.baselines.imported[name].ipc or self.recover.ipc
 
     def relabel_teachers(self) -> list[str]:
         return list(self.relabel.teachers) or [self.recover.primary]
@@ -320,6 +346,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"baselines.recover.{name}", f"name {name!r} is taken; choose another set name")
     if cfg.recover.name == RANDOM_REAL:
         raise ConfigError("recover.name", f"{RANDOM_REAL!r} is reserved for the random real baseline")
+    for name, spec in cfg.baselines.imported.items():
+        path = f"baselines.imported.{name}"
+        _set_name(name, path)
+        # 'real' names the real-data row of the diversity table (stages/evaluate.py REAL)
+        if name in cfg.recover_methods() or name in (RANDOM_REAL, "real"):
+            raise ConfigError(path, f"name {name!r} is taken by another set; choose another set name")
+        if not spec.uri.strip():
+            raise ConfigError(f"{path}.uri", "must be a path or URI of the set")
 
     for j, n in enumerate(cfg.relabel.teachers):
         known(f"relabel.teachers[{j}]", n)

@@ -29,8 +29,9 @@ def build_stages(cfg: Config, storage: Storage, context: RunContext, names: list
         if kind == "squeeze":
             stages.append(SqueezeStage(cfg, storage, context))
         elif kind == "recover":
+            from prism_ray.stages.imported import imported_stages
             from prism_ray.stages.recover import recover_stages
-            stages.extend(recover_stages(cfg, storage, context))
+            stages.extend(recover_stages(cfg, storage, context) + imported_stages(cfg, storage, context))
         elif kind == "relabel":
             from prism_ray.stages.relabel import relabel_stages
             stages.extend(relabel_stages(cfg, storage, context))
@@ -77,11 +78,16 @@ def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: boo
     # The data is listed (once per run; never with data.index or a resumed run's index) and checked, then
     # everything else that can be checked from the config and storage: all before anything is written.
     data = resolve_data(cfg, storage)
-    preflight(cfg, storage, context_for(cfg, data), build_stages(cfg, storage, context_for(cfg, data), stage_names),
-              fresh=fresh)
+    checked = context_for(cfg, data)
+    stages = build_stages(cfg, storage, checked, stage_names)
+    notes = preflight(cfg, storage, checked, stages, fresh=fresh)
+    if not quiet:
+        for note in notes:
+            print(note, file=sys.stderr, flush=True)
     context = record_data(cfg, storage, data)  # the new index is written: workers read it from now on
     record_run(cfg, storage, context)
-    stages = build_stages(cfg, storage, context, stage_names)
+    for stage in stages:  # the checked stages run (an imported set is listed once), their workers reading that index
+        stage.context = context
     # Nothing left to run (a finished run, resumed): skip starting Ray, which costs seconds.
     pending = fresh or any({u.id for u in st.units()} - st.store.committed() for st in stages)
     if local or not pending:

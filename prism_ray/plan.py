@@ -64,6 +64,9 @@ def describe(cfg: Config, num_classes: int | None = None) -> str:
             size = n * cfg.recover.ipc * (per + MANIFEST_BYTES_PER_IMAGE)
             total_bytes += size
             lines.append(f"random real: {n * cfg.recover.ipc:,} images, about {human_bytes(size)}")
+        for name, spec in cfg.baselines.imported.items():
+            lines.append(f"import {name}: up to {n * cfg.imported_ipc(name):,} images from {spec.uri} (listed and "
+                         f"checked when the run starts; {-(-n // cfg.recover.class_group)} class groups)")
     sets = cfg.sets()
     if "relabel" in cfg.run.stages:
         from prism_ray.stages.relabel import relabel_figures

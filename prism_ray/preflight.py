@@ -19,14 +19,16 @@ from prism_ray.teacher_pool import checkpoint_key, load_teacher, model_shape
 RUN_ENTRIES = {RUN_RECORD, "data", "squeeze", "recover", "relabel", "evaluate", "report", "logs"}
 
 
-def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage], fresh: bool = False) -> None:
+def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage], fresh: bool = False) -> list[str]:
     """Raise a one-line error (ConfigError, StageError, TeacherError, StorageError) for anything that would make
-    `stages` fail for a reason the user must fix; nothing is left in the run (the writability probe is last)."""
+    `stages` fail for a reason the user must fix; nothing is left in the run (the writability probe is last).
+    Returns what the stages' own checks found, to show (an imported set's images per class)."""
     check_foreign_output(storage)
     recovering = any(s.kind == "recover" for s in stages)
     check_data_facts(cfg, context.num_classes, context.train_counts if recovering else None)
     produced: set[str] = set()
     teachers: dict[str, str] = {}  # teacher name -> the first stage that loads it
+    notes = [note for stage in stages if (note := stage.prepare(fresh=fresh))]
     for stage in stages:
         for key, todo in stage.inputs().items():
             if key not in produced and not storage.exists(key):
@@ -46,6 +48,7 @@ def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[S
         for j, arch in enumerate(cfg.evaluate.students):
             check_resolution(arch, shape, f"evaluate.students[{j}]")
     storage.check_writable()
+    return notes
 
 
 def check_foreign_output(storage: Storage) -> None:

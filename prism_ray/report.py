@@ -19,6 +19,7 @@ from PIL import Image, ImageDraw
 from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
 from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
+from prism_ray.stages.imported import read_summary
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.stats import mean_std, paired_difference
 from prism_ray.storage import COMBINED, Storage
@@ -47,7 +48,8 @@ def collect(storage: Storage) -> dict:
     for r in results:
         groups[(r["set"], r["student"])].append(r)
     # the config's order of sets (the method, then its baselines), whatever order units committed in
-    names = [cfg["recover"]["name"], *cfg["baselines"]["recover"], "random_real", REAL]
+    imported = list(cfg["baselines"].get("imported") or {})
+    names = [cfg["recover"]["name"], *cfg["baselines"]["recover"], "random_real", *imported, REAL]
     names += [r["set"] for r in results if r["set"] not in names]
     order = {name: i for i, name in enumerate(dict.fromkeys(names))}
     accuracy = []
@@ -73,7 +75,21 @@ def collect(storage: Storage) -> dict:
             "accuracy": accuracy, "paired": paired_comparisons(results, cfg["recover"]["name"]),
             "diversity": diversity, "diversity_per_class": per_class,
             "retention": retention(storage, [n for n in set_names if n != REAL]), "teachers": teachers,
-            "compute": compute_by_stage(storage)}
+            "imported": imported_sets(storage, cfg, imported), "compute": compute_by_stage(storage)}
+
+
+def imported_sets(storage: Storage, cfg: dict, names: list[str]) -> list[dict]:
+    """Per imported set: where it came from, what made it, its images per class and how many were converted."""
+    out = []
+    for name in names:
+        s = read_summary(storage, name)
+        if s is None:
+            continue
+        out.append({"set": name, "method": cfg["baselines"]["imported"][name].get("method") or "",
+                    "uri": s["uri"], "format": s["format"], "class_rule": s["class_rule"], "images": s["images"],
+                    "classes": s["classes"], "declared_ipc": s["declared_ipc"], "ipc_min": s["ipc_min"],
+                    "ipc_max": s["ipc_max"], "converted": s["converted"], "sizes": s["sizes"]})
+    return out
 
 
 def paired_comparisons(results: list[dict], method: str) -> list[dict]:
@@ -177,6 +193,20 @@ def paired_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def imported_table(figures: dict) -> str:
+    lines = ["Sets made elsewhere, indexed and checked when the run imported them, then relabelled and evaluated "
+             "with the run's own protocol (docs/sets.md):", "",
+             "| set | made by | source | images | IPC per class (declared) | classes by | converted to the run's size |",
+             "|---|---|---|---|---|---|---|"]
+    for s in figures["imported"]:
+        ipc = f"{s['ipc_min']}" if s["ipc_min"] == s["ipc_max"] else f"{s['ipc_min']}-{s['ipc_max']}"
+        sizes = ", ".join(s["sizes"])
+        lines.append(f"| {s['set']} | {s['method']} | {s['uri']} ({s['format']}) | {s['images']} | {ipc} "
+                     f"({s['declared_ipc']}) | {'name' if s['class_rule'] == 'names' else 'number'} | "
+                     f"{s['converted']} (found {sizes}) |")
+    return "\n".join(lines)
+
+
 def retention_table(figures: dict) -> str:
     if not figures["retention"]:
         return "(no retention figures: the recover manifests have no init_ssim column)"
@@ -205,6 +235,8 @@ def markdown(figures: dict) -> str:
              "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), ""]
     if len({a["student"] for a in figures["accuracy"]}) > 1:
         parts += ["Top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
+    if figures.get("imported"):
+        parts += ["## Imported sets", "", imported_table(figures), ""]
     parts += ["## Paired comparison", "", paired_table(figures), "",
              "## Diversity", "", diversity_table(figures), "", "![per-class diversity](diversity.png)", "",
              "## Real-init retention", "", retention_table(figures), "",
@@ -316,9 +348,11 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
     figures = collect(storage)
     if as_json:
         print(json.dumps({k: figures[k] for k in ("accuracy", "paired", "diversity", "retention", "teachers",
-                                                  "compute")}, indent=2), file=stream)
+                                                  "imported", "compute")}, indent=2), file=stream)
         return 0
-    for table in (accuracy_table, paired_table, diversity_table, retention_table):
+    tables = [accuracy_table, *([imported_table] if figures["imported"] else []), paired_table, diversity_table,
+              retention_table]
+    for table in tables:
         print(table(figures), file=stream)
         print("", file=stream)
     return 0

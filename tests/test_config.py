@@ -1,6 +1,8 @@
 """Config loading: YAML + --set overrides, presets, and errors that name the bad field."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from prism_ray.cli import main
@@ -47,6 +49,13 @@ BAD_OVERRIDES = [
     (["recover.name=''"], "recover.name", "becomes a storage path"),
     (["recover.name=a--b"], "recover.name", "without '--'"),
     (["baselines.recover={../x: {preset: sre2l}}"], "baselines.recover.../x", "becomes a storage path"),
+    (["baselines.imported={prism: {uri: /x}}"], "baselines.imported.prism", "is taken"),
+    (["baselines.imported={real: {uri: /x}}"], "baselines.imported.real", "is taken"),
+    (["baselines.imported={a--b: {uri: /x}}"], "baselines.imported.a--b", "without '--'"),
+    (["baselines.imported={ext: {ipc: 10}}"], "baselines.imported.ext.uri", "is required"),
+    (["baselines.imported={ext: {uri: /x, ipc: 0}}"], "baselines.imported.ext.ipc", ">= 1"),
+    (["baselines.imported={ext: {uri: /x, format: zip}}"], "baselines.imported.ext.format", "'image_folder'"),
+    (["baselines.imported={ext: {url: /x}}"], "baselines.imported.ext.url", "did you mean 'uri'"),
     (["relabel.topk=11"], "relabel.topk", "0 (all logits) to 10"),
     (["data.classes=5", "relabel.topk=6"], "relabel.topk", "has 5 classes"),
     (["teachers.models=[{name: r, arch: resnet18, weights: 'torchvision:IMAGENET1K_V9'}]", "recover.primary=r"],
@@ -190,3 +199,13 @@ def test_validate_prints_resolved_config(capsys):
     assert out["recover"]["iterations"] == 4000
     sre2l = out["baselines"]["recover"]["sre2l"]  # the baseline with its preset applied, not just {preset: sre2l}
     assert (sre2l["init"], sre2l["lr"], sre2l["iterations"], sre2l["selection"]) == ("noise", 0.25, 1000, "fixed")
+
+
+def test_imported_sets_join_the_runs_sets_after_its_own():
+    cfg = load_config(None, ["baselines.recover={sre2l: {preset: sre2l}}",
+                             "baselines.imported={rded: {uri: /data/rded, ipc: 5}, ext: {uri: s3://b/x}}"])
+    assert cfg.sets() == ["prism", "sre2l", "random_real", "rded", "ext"]
+    assert (cfg.imported_ipc("rded"), cfg.imported_ipc("ext")) == (5, cfg.recover.ipc)
+    assert load_config(None, []).sets() == ["prism", "random_real"]
+    again = load_config(None, [f"baselines.imported={json.dumps(cfg.to_dict()['baselines']['imported'])}"])
+    assert again.baselines.imported == cfg.baselines.imported  # the recorded config loads back

@@ -126,6 +126,10 @@ class Stage(ABC):
         """Run keys a later stage may read, written once this stage is complete."""
         return [f"{self.prefix}/{COMBINED}"]
 
+    def prepare(self, fresh: bool = False) -> str | None:
+        """Driver-side reading and checking before any unit runs (writes nothing); a line to show, or None."""
+        return None
+
     def finalize(self) -> None:
         """Called once every unit is committed: write the stage's combined manifest."""
         self.store.write_combined()

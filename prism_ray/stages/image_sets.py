@@ -91,7 +91,7 @@ def choose_holding(decoded_bytes: int, device: torch.device, *, gpu_free: int = 
     return "encoded", f"{human_bytes(decoded_bytes)} uint8 {where}does not fit in host memory ({host})"
 
 
-def _manifest_rows(storage: Storage, set_name: str) -> list[dict]:
+def set_manifest_rows(storage: Storage, set_name: str) -> list[dict]:
     prefix = recover_prefix(set_name)
     try:
         table = storage.read_table(f"{prefix}/{COMBINED}")
@@ -104,7 +104,7 @@ def _manifest_rows(storage: Storage, set_name: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["class_id"], r["ipc_index"]))
 
 
-def _verified_chunks(storage: Storage, set_name: str, rows: list[dict]):
+def verified_chunks(storage: Storage, set_name: str, rows: list[dict]):
     """(start, blobs) per chunk of CHUNK files, each file checked against its manifest checksum."""
     prefix = recover_prefix(set_name)
     for start in range(0, len(rows), CHUNK):
@@ -150,10 +150,10 @@ def load_image_set(storage: Storage, set_name: str, normalization: Normalization
         raise ValueError(f"holding must be one of {', '.join(HOLDINGS)}, got {holding!r}")
     t0 = time.perf_counter()
     device = torch.device(device)
-    rows = _manifest_rows(storage, set_name)
+    rows = set_manifest_rows(storage, set_name)
     uri = storage.uri(recover_prefix(set_name))
     names = [f"{uri}/{r['path']}" for r in rows]
-    chunks = _verified_chunks(storage, set_name, rows)
+    chunks = verified_chunks(storage, set_name, rows)
     first_start, first_blobs = next(chunks)
     try:  # the first image gives the set's size; every other image must match it
         with Image.open(io.BytesIO(first_blobs[0])) as im:
@@ -278,8 +278,12 @@ def set_inputs(cfg: Config) -> dict[str, str]:
 def sets_fingerprint(cfg: Config) -> dict:
     """What determines the image sets that relabel and evaluate read."""
     used = {n for rc in cfg.recover_methods().values() for n in (rc.primary, *rc.bn_pool, *rc.fixed)}
-    return {"seed": cfg.run.seed, "data": data_fingerprint(cfg),
-            "teachers": [dataclasses.asdict(t) for t in cfg.teachers.models if t.name in used],
-            "squeeze": dataclasses.asdict(cfg.squeeze),
-            "recover": {name: dataclasses.asdict(rc) for name, rc in cfg.recover_methods().items()},
-            "random_real": cfg.baselines.random_real}
+    fp = {"seed": cfg.run.seed, "data": data_fingerprint(cfg),
+          "teachers": [dataclasses.asdict(t) for t in cfg.teachers.models if t.name in used],
+          "squeeze": dataclasses.asdict(cfg.squeeze),
+          "recover": {name: dataclasses.asdict(rc) for name, rc in cfg.recover_methods().items()},
+          "random_real": cfg.baselines.random_real}
+    if cfg.baselines.imported:  # only when there are any: runs made before imports existed resume unchanged
+        fp["imported"] = {name: {**{k: v for k, v in dataclasses.asdict(spec).items() if k != "method"},
+                                 "ipc": cfg.imported_ipc(name)} for name, spec in cfg.baselines.imported.items()}
+    return fp
