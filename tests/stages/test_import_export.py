@@ -67,7 +67,7 @@ def test_imported_sets_are_committed_like_the_runs_own(runs):
     for name in IMPORTED:
         st = stages[f"recover/{name}"]
         assert st["complete"] and st["images_committed"] == 8 and st["combined_manifest"], name
-    assert stages["evaluate/students"]["committed"] == 6 * 2  # 6 sets x 2 seeds
+    assert stages["evaluate/students"]["committed"] == 5 * 2  # (prism, random_real, 3 imported) x 2 seeds
     # SRe2L's 32-px RGB JPEGs became 28-px greyscale PNGs; the source of each is recorded
     rows = storage.read_table("recover/sre2l_release/manifest.parquet").to_pylist()
     assert all(r["converted"] for r in rows)
@@ -136,7 +136,7 @@ def test_datasets_reads_the_parquet_export_as_images_with_class_names(runs, tmp_
 def test_the_export_carries_its_soft_labels_and_card(runs):
     cfg_a, _, exports, _ = runs
     storage = pipeline.open_storage(cfg_a)
-    stored = sorted(r for r in storage.read_table("relabel/manifest.parquet").to_pylist() if r["set"] == "prism")
+    stored = [r for r in storage.read_table("relabel/manifest.parquet").to_pylist() if r["set"] == "prism"]
     copied = sorted(Path(exports["parquet"], "soft_labels").iterdir())
     assert [p.name for p in copied] == ["prism-epochs-0000-0001.parquet", "prism-epochs-0002-0003.parquet",
                                         "prism-epochs-0004-0005.parquet"]
@@ -177,3 +177,16 @@ def test_bad_input_stops_the_run_before_anything_is_committed(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "syn/new002/class002_id001.jpg: cannot decode image" in err
     assert not (tmp_path / "run" / "recover").exists()
+
+
+def test_a_resumed_run_reads_the_kept_index_and_lists_no_source(runs):
+    """The index kept with an imported set is what a rerun reads: with the source gone, the finished run still
+    resumes (nothing to do) instead of listing it again."""
+    import shutil
+
+    _, cfg_b, _, sre2l = runs
+    shutil.rmtree(sre2l)
+    reports = pipeline.execute(cfg_b, ["recover", "relabel", "evaluate"], quiet=True)
+    assert all(r.complete and r.ran == 0 for r in reports)
+    summary = pipeline.open_storage(cfg_b).read_json("recover/sre2l_release/source.json")
+    assert summary["ipc_per_class"] == [2, 2, 2, 2] and summary["uri"] == str(sre2l)
