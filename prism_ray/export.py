@@ -158,10 +158,12 @@ def method_lines(run: Storage, cfg: dict, set_name: str) -> list[str]:
     if set_name == cfg["recover"]["name"] or set_name in cfg["baselines"]["recover"]:
         rc = cfg["recover"] if set_name == cfg["recover"]["name"] else cfg["baselines"]["recover"][set_name]
         extra = rc["fixed"] if rc["selection"] == "fixed" else rc["bn_pool"]
+        drawn = "per shard" if rc["selection"] == "pre" else "per iteration"
         how = ("every step" if rc["selection"] == "fixed" else
-               f"{rc['slots']} slots each filled with p={rc['slot_prob']}, drawn {'per shard' if rc['selection'] == 'pre' else 'per iteration'}")
-        return [f"- **method**: recover by prism-ray (`{set_name}`{', preset ' + rc['preset'] if rc.get('preset') else ''}): "
-                f"{rc['iterations']} iterations ({rc['schedule']}), lr {rc['lr']}, r_bn {rc['r_bn']}, init {rc['init']}",
+               f"{rc['slots']} slots each filled with p={rc['slot_prob']}, drawn {drawn}")
+        preset = f", preset {rc['preset']}" if rc.get("preset") else ""
+        return [f"- **method**: recover by prism-ray (`{set_name}`{preset}): {rc['iterations']} iterations "
+                f"({rc['schedule']}), lr {rc['lr']}, r_bn {rc['r_bn']}, init {rc['init']}",
                 f"- **primary teacher**: {_teacher_line(cfg, rc['primary'])}",
                 f"- **BN teachers**: the primary, and {', '.join(_teacher_line(cfg, n) for n in extra)} ({how})"
                 if extra else "- **BN teachers**: the primary alone"]
@@ -170,8 +172,9 @@ def method_lines(run: Storage, cfg: dict, set_name: str) -> list[str]:
     summary = read_summary(run, set_name) or {}
     imported = cfg["baselines"].get("imported", {}).get(set_name, {})
     what = imported.get("method") or "not stated"
-    return [f"- **method**: imported into prism-ray from `{summary.get('uri', imported.get('uri'))}` (made by: {what}); "
-            f"{summary.get('converted', 0)} image(s) converted to the run's size"]
+    uri = summary.get("uri", imported.get("uri"))
+    return [f"- **method**: imported into prism-ray from `{uri}` (made by: {what}); {summary.get('converted', 0)} "
+            f"image(s) converted to the run's size"]
 
 
 def accuracy_lines(run: Storage, set_name: str, cfg: dict) -> list[str]:
@@ -193,7 +196,8 @@ def accuracy_lines(run: Storage, set_name: str, cfg: dict) -> list[str]:
     for student, rows in by_student.items():
         t1, s1 = mean_std([r["top1"] for r in rows])
         t5, s5 = mean_std([r["top5"] for r in rows])
-        lines.append(f"| {student} | {100 * t1:.2f} ± {100 * s1:.2f} | {100 * t5:.2f} ± {100 * s5:.2f} | {len(rows)} |")
+        lines.append(f"| {student} | {100 * t1:.2f} ± {100 * s1:.2f} | {100 * t5:.2f} ± {100 * s5:.2f} | "
+                     f"{len(rows)} |")
     return lines
 
 
@@ -207,6 +211,7 @@ def dataset_card(run: Storage, record: dict, set_name: str, rows: list[dict], fm
     counts = [per_class[c] for c in range(len(class_names))]
     ipc = f"{min(counts)}" if min(counts) == max(counts) else f"{min(counts)}-{max(counts)}"
     d = cfg["data"]
+    label_teachers = cfg["relabel"]["teachers"] or [cfg["recover"]["primary"]]
     front = (["---", f"pretty_name: {cfg['run']['name']} {set_name}", "configs:", "- config_name: default",
               "  data_files:", "  - split: train", "    path: data/*.parquet", "---", ""] if fmt == "parquet" else [])
     try:
@@ -218,10 +223,10 @@ def dataset_card(run: Storage, record: dict, set_name: str, rows: list[dict], fm
         f"# {set_name}: a distilled image set from the prism-ray run {cfg['run']['name']}", "",
         *method_lines(run, cfg, set_name),
         f"- **images**: {len(rows):,} in {len(class_names)} classes, IPC {ipc}",
-        f"- **data**: {d['dataset']}, {d['channels']} channel(s) at {d['resolution']} px; class names in class-id order "
-        f"in `{CLASSES}`",
-        f"- **soft-label teachers (relabel)**: {', '.join(_teacher_line(cfg, n) for n in (cfg['relabel']['teachers'] or [cfg['recover']['primary']]))}"
-        f" ({cfg['relabel']['ensemble']} ensemble)",
+        f"- **data**: {d['dataset']}, {d['channels']} channel(s) at {d['resolution']} px; class names in class-id "
+        f"order in `{CLASSES}`",
+        f"- **soft-label teachers (relabel)**: {', '.join(_teacher_line(cfg, n) for n in label_teachers)} "
+        f"({cfg['relabel']['ensemble']} ensemble)",
         f"- **run**: seed {cfg['run']['seed']}; config digest sha256:{config_digest(cfg)} (of the resolved config "
         f"recorded in the run's run.json)", ""]
     lines += ["## Accuracy in the run", "", *accuracy_lines(run, set_name, cfg), ""]

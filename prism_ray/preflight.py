@@ -19,7 +19,8 @@ from prism_ray.teacher_pool import checkpoint_key, load_teacher, model_shape
 RUN_ENTRIES = {RUN_RECORD, "data", "squeeze", "recover", "relabel", "evaluate", "report", "logs"}
 
 
-def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage], fresh: bool = False) -> list[str]:
+def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage],
+              fresh: bool = False) -> list[str]:
     """Raise a one-line error (ConfigError, StageError, TeacherError, StorageError) for anything that would make
     `stages` fail for a reason the user must fix; nothing is left in the run (the writability probe is last).
     Returns what the stages' own checks found, to show (an imported set's images per class)."""

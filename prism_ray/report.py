@@ -196,7 +196,8 @@ def paired_table(figures: dict) -> str:
 def imported_table(figures: dict) -> str:
     lines = ["Sets made elsewhere, indexed and checked when the run imported them, then relabelled and evaluated "
              "with the run's own protocol (docs/sets.md):", "",
-             "| set | made by | source | images | IPC per class (declared) | classes by | converted to the run's size |",
+             "| set | made by | source | images | IPC per class (declared) | classes by | converted to the run's "
+             "size |",
              "|---|---|---|---|---|---|---|"]
     for s in figures["imported"]:
         ipc = f"{s['ipc_min']}" if s["ipc_min"] == s["ipc_max"] else f"{s['ipc_min']}-{s['ipc_max']}"

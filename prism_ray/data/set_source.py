@@ -38,6 +38,7 @@ from prism_ray.config import ImportedSetConfig, StorageConfig
 from prism_ray.data.base import DataError, resize_center, to_channels
 from prism_ray.data.image_folder import IMAGE_EXTENSIONS, decode_image
 from prism_ray.data.index import resolve_uri
+from prism_ray.data.parquet_table import class_names_from_metadata
 from prism_ray.storage import filesystem, read_objects, sha256, table_bytes, translate_errors
 
 SOFT_LABELS = "soft_labels"  # a prism-ray export's soft label tables: never classes or images
@@ -315,8 +316,8 @@ def _index_folder(fs, base, uri, files, folders, name, spec_dict, class_names, c
             per_class[mapping[top]].append((rel, size))
     for f in folders:
         if not per_class.get(mapping[f]):
-            raise DataError(f"{uri}/{f}: class folder holds no images ({', '.join(e.lstrip('.') for e in IMAGE_EXTENSIONS[:3])} "
-                            f"...); add its images or remove the folder")
+            raise DataError(f"{uri}/{f}: class folder holds no images (.jpg, .png, ...); add its images or remove "
+                            f"the folder")
     folder_of = {c: f for f, c in mapping.items()}
     counts = [len(per_class.get(c, ())) for c in range(len(class_names))]
     _check_counts(counts, class_names, declared_ipc, field_name,
@@ -347,7 +348,8 @@ def _check_image(row: dict, blob: bytes, where: str, resolution: int) -> None:
 def _parquet_files(fs, base, uri, files, field_name) -> list[str]:
     if files is None:
         return [""]
-    found = sorted((r for r in files if r.endswith(".parquet") and not r.startswith(f"{SOFT_LABELS}/")), key=natural_key)
+    found = sorted((r for r in files if r.endswith(".parquet") and not r.startswith(f"{SOFT_LABELS}/")),
+                   key=natural_key)
     if not found:
         raise DataError(f"{field_name}.uri: no .parquet files under {uri}")
     return found
@@ -355,11 +357,6 @@ def _parquet_files(fs, base, uri, files, field_name) -> list[str]:
 
 def _file(base: str, rel: str) -> str:
     return f"{base}/{rel}" if rel else base
-
-
-def _label_names(schema: pa.Schema, label_column: str) -> list[str] | None:
-    from prism_ray.data.parquet_table import class_names_from_metadata
-    return class_names_from_metadata(schema, label_column)
 
 
 def _index_parquet(fs, base, uri, files, spec, name, spec_dict, class_names, channels, resolution, declared_ipc,
@@ -387,7 +384,7 @@ def _index_parquet(fs, base, uri, files, spec, name, spec_dict, class_names, cha
                         raise DataError(f"{where}: column {label_col!r} has empty labels in row group {g}")
                     groups.append(col.to_numpy().astype(np.int64))
         labels_per_file.append(groups)
-        names_per_file.append(_label_names(schema, label_col))
+        names_per_file.append(class_names_from_metadata(schema, label_col))
     label_names = names_per_file[0]
     if any(n != label_names for n in names_per_file):
         raise DataError(f"{field_name}.uri: the files under {uri} carry different ClassLabel names; give them one "
