@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(exit 1)")
             p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between refreshes (5)")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
+    p = sub.add_parser("config-reference", help="print every config field (type, default, allowed values, meaning) "
+                                                "as Markdown: docs/config.md")
+    p.add_argument("--out", metavar="PATH", help="write it to PATH instead of printing it")
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
     p.add_argument("--grid", required=True, metavar="SWEEP.yaml",
@@ -105,6 +108,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "teachers":
         from prism_ray.algo.teachers import ARCHITECTURES
         print("\n".join(sorted(ARCHITECTURES)))
+        return EXIT_OK
+    if args.command == "config-reference":
+        from prism_ray.config_reference import reference_markdown
+        text = reference_markdown()
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            print(text, end="")
         return EXIT_OK
     if args.command in ("status", "report"):
         from prism_ray import status
