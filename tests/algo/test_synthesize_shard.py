@@ -5,6 +5,7 @@ import dataclasses
 import json
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -199,26 +200,56 @@ def test_imagenet_shaped_shard_on_cpu():
     assert set(result.records[0].bn_teachers) == set(pool)
 
 
-# sha256 of one shard's 8-bit pixels (what the JPEG/PNG encoder receives), per CPU kernel family: the engine's
-# CPU output is bit-stable for a given torch version and vector unit, so any change to the step's arithmetic
-# shows up here. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build. An entry is
-# updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
-PINNED_PIXELS = {
-    ("2.14.1", "AVX512"): "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a",
-}
+# One shard's 8-bit pixels (what the JPEG/PNG encoder receives), pinned in pinned_shard_pixels.png: its 4 images of
+# 16x16 side by side, lossless. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build.
+# The engine's CPU output is bit-stable for a given torch version, so any change to the step's arithmetic shows
+# up here; the pin is updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
+# Machines may legitimately differ where float sums are reassociated by other CPU kernels: the test compares the
+# pixels, never the machine's name. With torch 2.14.1 on x86 the bytes are identical whatever the vector unit
+# (ATEN_CPU_CAPABILITY=avx512, avx2 and default, 1 or 2 threads, all give the pinned digest); elsewhere a pixel
+# may move by one level: at most PIXEL_TOLERANCE of the pixels, by 1. A change to the shard itself (another
+# seed, another objective) moves almost every pixel by far more, as the test checks.
+PINNED_PIXELS = Path(__file__).with_name("pinned_shard_pixels.png")
+PINNED_DIGEST = "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a"  # sha256 of the pinned bytes
+PIXEL_TOLERANCE = 0.02
+
+
+def pinned_shard_pixels(pool, norm, seed: int = 21) -> torch.Tensor:
+    from prism_ray.algo.encode import to_uint8
+
+    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
+    return to_uint8(synthesize_shard(pool, spec(seed), cfg, norm, shape=SHAPE).images, norm)
+
+
+def read_pinned_pixels() -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    strip = torch.from_numpy(np.asarray(Image.open(PINNED_PIXELS), dtype=np.uint8).copy())  # (16, 4 * 16)
+    return strip.reshape(16, 4, 16).permute(1, 0, 2).unsqueeze(1).contiguous()  # (4, 1, 16, 16)
+
+
+def pixel_change(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """Largest difference in levels, and the fraction of pixels that differ at all."""
+    d = (a.int() - b.int()).abs()
+    return int(d.max()), float((d > 0).float().mean())
 
 
 def test_shard_pixels_are_pinned(pool, norm):
     import hashlib
 
-    from prism_ray.algo.encode import to_uint8
-
-    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
-    result = synthesize_shard(pool, spec(21), cfg, norm, shape=SHAPE)
-    digest = hashlib.sha256(to_uint8(result.images, norm).numpy().tobytes()).hexdigest()
-    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
-    assert key in PINNED_PIXELS, f"no pinned pixels for torch {key[0]} on {key[1]}: this machine gives {digest}"
-    assert digest == PINNED_PIXELS[key]
+    pinned = read_pinned_pixels()
+    assert hashlib.sha256(pinned.numpy().tobytes()).hexdigest() == PINNED_DIGEST  # the file is the pin
+    pixels = pinned_shard_pixels(pool, norm)
+    assert pixels.shape == pinned.shape
+    digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+    worst, moved = pixel_change(pixels, pinned)
+    if digest != PINNED_DIGEST:  # another CPU's kernels: a level here and there, never a different image
+        assert worst <= 1 and moved <= PIXEL_TOLERANCE, (
+            f"this machine gives {digest}: {moved:.1%} of the pixels differ from the pin, by up to {worst} levels")
+    # the tolerance is no blind spot: the same shard under another seed is another image
+    worst, moved = pixel_change(pinned_shard_pixels(pool, norm, seed=22), pinned)
+    assert worst > 100 and moved > 0.5
 
 
 def test_encoding_waits_for_the_first_read(pool, norm):
