@@ -90,7 +90,8 @@ def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: boo
     else:
         from prism_ray.orchestration.cluster import ray_session
         from prism_ray.orchestration.dispatch import run_stage_ray
-        with ray_session(cfg.ray):
+        from prism_ray.orchestration.ray_logs import run_log_path
+        with ray_session(cfg.ray, log_path=run_log_path(cfg.run.output)):
             reports = run_stages(stages, lambda st: run_stage_ray(st, cfg.ray, quiet=quiet), fresh=fresh)
     if "evaluate" in stage_names and reports and all(r.complete for r in reports) and len(reports) == len(stages):
         from prism_ray.report import markdown, write_report
