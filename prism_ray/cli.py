@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
     p.add_argument("--grid", required=True, metavar="SWEEP.yaml",
-                   help="the sweep file: base, output, set, vary, grid, points (see prism_ray/sweep.py)")
+                   help="the sweep file: base, output, set, vary, grid, points (see docs/sweep.md)")
     p.add_argument("--only", help="comma-separated point names to run (the table keeps every finished point)")
     p.add_argument("--local", action="store_true", help="run units in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
