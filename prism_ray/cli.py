@@ -189,7 +189,24 @@ def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = 
               + f"\nFix the cause and rerun the same command: committed units are kept, only the rest run. "
                 f"`prism-ray status {cfg.run.output}` shows the state.", file=sys.stderr)
         return EXIT_FAILED
+    if not quiet and "evaluate" in stage_names:
+        _print_headline(cfg)
     return EXIT_OK
+
+
+def _print_headline(cfg) -> None:
+    """The report's path and its headline numbers, last on the terminal (the report itself is printed above)."""
+    from prism_ray.report import REPORT, headline
+    from prism_ray.storage import Storage
+
+    storage = Storage(cfg.run.output, cfg.storage)
+    try:
+        figures = storage.read_json(f"{REPORT}/report.json")
+    except FileNotFoundError:
+        return
+    print(f"report: {storage.uri(f'{REPORT}/report.md')}", file=sys.stderr)
+    for line in headline(figures):
+        print(f"  {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -195,6 +195,24 @@ def retention_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(figures: dict) -> list[str]:
+    """Per student architecture, one line: the method's top-1 and the method minus each baseline (paired by seed,
+    with the 95 % interval), the numbers a run is for."""
+    paired, accuracy = figures["paired"], figures["accuracy"]
+    method = paired[0]["method"] if paired else accuracy[0]["set"] if accuracy else None
+    lines = []
+    for a in accuracy:
+        if a["set"] != method:
+            continue
+        parts = [f"{method} top-1 {100 * a['top1_mean']:.2f} %"]
+        for p in paired:
+            if p["student"] == a["student"]:
+                interval = f" [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]" if p["low"] is not None else ""
+                parts.append(f"{method} − {p['baseline']} {100 * p['mean']:+.2f} points{interval}")
+        lines.append(f"{a['student']} student, {len(a['seeds'])} seeds: " + "; ".join(parts))
+    return lines
+
+
 def markdown(figures: dict) -> str:
     cfg = figures["config"]
     d, e = cfg["data"], cfg["evaluate"]
@@ -324,4 +342,4 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
     return 0
 
 
-__all__ = ["REAL", "collect", "write_report", "print_report"]
+__all__ = ["REAL", "collect", "headline", "write_report", "print_report"]

@@ -108,3 +108,18 @@ def test_report_equals_results_parquet(finished_run, capsys):
     assert by_set["prism"]["top1_mean"] == pytest.approx(statistics.fmean(r["top1"] for r in rows
                                                                            if r["set"] == "prism"))
     assert {d["set"] for d in printed["diversity"]} == {"prism", "random_real", "real"}
+
+
+def test_a_run_ends_with_the_report_path_and_its_headline(finished_run, capsys):
+    # rerun on the finished run: nothing left to do, the report is rewritten and named last, with its numbers
+    from prism_ray.cli import run_command
+
+    assert run_command(finished_run, ["recover", "relabel", "evaluate"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    storage = pipeline.open_storage(finished_run)
+    figures = storage.read_json("report/report.json")
+    prism = next(a for a in figures["accuracy"] if a["set"] == "prism")
+    paired = next(p for p in figures["paired"] if p["baseline"] == "random_real")
+    assert err[-2] == f"report: {storage.uri('report/report.md')}"
+    assert err[-1] == (f"  convnet student, 2 seeds: prism top-1 {100 * prism['top1_mean']:.2f} %; prism − random_real "
+                       f"{100 * paired['mean']:+.2f} points [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}]")
