@@ -53,9 +53,9 @@ def commit_set(storage, set_names: list[str], classes: int, ipc: int, g: np.rand
     """A committed 224 px JPEG set of classes x ipc images (as recover commits one: a shard per IPC index, then
     the combined manifest), written under each of `set_names` (the same files); returns its encoded bytes."""
     from prism_ray.stages.recover import recover_prefix
-    from prism_ray.storage import ShardStore
+    from prism_ray.storage import begin_stage
 
-    stores = [ShardStore(storage, recover_prefix(name)) for name in set_names]
+    stores = [begin_stage(storage, recover_prefix(name)) for name in set_names]
     total = 0
     for k in range(ipc):
         outputs, rows = [], []

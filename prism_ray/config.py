@@ -14,8 +14,9 @@ from typing import Any, Literal, Optional, Union
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 RANDOM_REAL = "random_real"
-# Set names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_', '.', '-',
-# starting with a letter or digit, never '--', so that no name reaches outside the run or splits ambiguously.
+# Set and teacher names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_',
+# '.', '-', starting with a letter or digit, never '--' or '..', so that no name reaches outside the run or
+# splits ambiguously.
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -44,6 +45,8 @@ class RunConfig:
     output: str = _f("runs/prism-run", doc="run URI: local path, file://, s3://bucket/prefix")
     seed: int = _f(0, ge=0, doc="root of every random draw of the run")
     stages: list[str] = _f(factory=lambda: list(STAGES), nonempty=True, doc="stages `prism-ray run` executes")
+    lease_seconds: float = _f(60.0, gt=0, doc="one driver per run: the driver renews its lease 6 times per this "
+                                              "period; another driver takes over a lease not renewed for this long")
 
 
 @dataclass
@@ -208,6 +211,9 @@ class StorageConfig:
     endpoint_url: Optional[str] = _f(None, doc="S3 endpoint; empty = AWS_ENDPOINT_URL or AWS")
     region: Optional[str] = None
     options: dict[str, Any] = _f(factory=dict, doc="extra fsspec options (never recorded in outputs)")
+    allow_unconditional_create: bool = _f(
+        False, doc="run on a store that does not honour create-if-absent (S3 If-None-Match), which the commits and "
+                   "the run's lease rely on; first writer wins is then not guaranteed")
 
 
 @dataclass
@@ -258,7 +264,9 @@ class Config:
         out["baselines"]["recover"] = {name: {k: v for k, v in rc.items() if k != "name"}
                                        for name, rc in resolved.items()}
         if redact:
+            from prism_ray.redaction import redact as redact_uris  # credentials inside any URI
             out["storage"]["options"] = {k: "***" for k in out["storage"]["options"]}
+            out = redact_uris(out)
         return out
 
     _baseline_recovers: dict = field(default_factory=dict, repr=False)
@@ -289,6 +297,7 @@ def validate(cfg: Config) -> None:
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
+        _plain_name(spec.name, f"teachers.models[{i}].name", "a teacher name")
         if names.index(spec.name) != i:
             raise ConfigError(f"teachers.models[{i}].name", f"{spec.name!r} is used twice; names must be unique")
         if spec.arch not in ARCHITECTURES:
@@ -365,9 +374,14 @@ def check_data_facts(cfg: Config, num_classes: int, class_counts: Optional[list[
 
 
 def _set_name(name: str, path: str) -> None:
-    if not SET_NAME.fullmatch(name) or "--" in name:
-        raise ConfigError(path, f"got {name!r}; a set name is 1-64 letters, digits, '_', '.' or '-', starting with "
-                                f"a letter or digit, without '--' (it becomes a storage path)")
+    _plain_name(name, path, "a set name")
+
+
+def _plain_name(name: Any, path: str, what: str) -> None:
+    """Names that become storage keys and unit ids: no '/', no '..', nothing that splits a unit id."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name) or "--" in name or ".." in name:
+        raise ConfigError(path, f"got {name!r}; {what} is 1-64 letters, digits, '_', '.' or '-', starting with a "
+                                f"letter or digit, without '--' or '..' (it becomes a storage path)")
 
 
 def _torchvision_weights(spec: TeacherSpec, data: DataConfig, path: str) -> None:

@@ -14,24 +14,55 @@ import sys
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from prism_ray.runs import RUN_RECORD
-from prism_ray.stages.base import StageError
-from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
+from prism_ray.stages.base import StageError, identity
+from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, REPORT, STUDENTS_PREFIX
 from prism_ray.stages.recover import recover_prefix
+from prism_ray.stages.relabel import RELABEL_PREFIX
 from prism_ray.stats import mean_std, paired_difference
-from prism_ray.storage import COMBINED, Storage
+from prism_ray.storage import ShardStore, Storage
 
-REPORT = "report"
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _table(storage: Storage, key: str) -> list[dict]:
+def _combined(storage: Storage, prefix: str) -> list[dict]:
+    """The rows of a complete stage's combined manifest ([] while it is not complete)."""
     try:
-        return storage.read_table(key).to_pylist()
+        return ShardStore(storage, prefix).read_combined().to_pylist()
     except FileNotFoundError:
         return []
+
+
+def _output_table(storage: Storage, prefix: str, row: dict) -> list[dict]:
+    """The Parquet output one manifest row names, checked against its sha256."""
+    return pq.read_table(pa.BufferReader(ShardStore(storage, prefix).read_output(row))).to_pylist()
+
+
+def lineage(storage: Storage) -> list[dict]:
+    """What the evaluate stages were made from, checked: every upstream output each of them recorded must be the
+    one the run holds now (a report never mixes outputs of two lineages). One row per stage: its generation,
+    config digest and the identities of its upstream outputs."""
+    rows = []
+    for prefix in (RELABEL_PREFIX, DIVERSITY_PREFIX, STUDENTS_PREFIX):
+        record = ShardStore(storage, prefix).record()
+        if record is None:
+            continue
+        made_from = record.get("upstream") or {}
+        for up, recorded in sorted(made_from.items()):
+            now = identity(storage, up)
+            if now != recorded:
+                was = f"generation {recorded['generation']}" if recorded else "an incomplete stage"
+                is_now = f"generation {now['generation']}" if now else "not complete"
+                raise StageError(f"{storage.uri()}: the run's outputs are of two lineages: {prefix} was made from "
+                                 f"{up} {was}, which is now {is_now}; rerun the evaluate stage (prism-ray evaluate "
+                                 f"CONFIG --fresh) before reporting")
+        rows.append({"stage": prefix, "generation": record["generation"], "config": record.get("config_digest"),
+                     "upstream": {up: {"generation": v["generation"], "config": v["config"]} if v else None
+                                  for up, v in sorted(made_from.items())}})
+    return rows
 
 
 def collect(storage: Storage) -> dict:
@@ -40,7 +71,7 @@ def collect(storage: Storage) -> dict:
         raise StageError(f"no prism-ray run at {storage.uri()}")
     record = storage.read_json(RUN_RECORD)
     cfg = record["config"]
-    results = _table(storage, f"{STUDENTS_PREFIX}/{COMBINED}")
+    results = _combined(storage, STUDENTS_PREFIX)
     if not results:
         raise StageError(f"{storage.uri()}: the evaluate stage has no complete results yet; run it first")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -56,24 +87,24 @@ def collect(storage: Storage) -> dict:
         t5, s5 = mean_std([r["top5"] for r in rows])
         accuracy.append({"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
                          "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)})
-    diversity_rows = sorted(_table(storage, f"{DIVERSITY_PREFIX}/{COMBINED}"),
-                            key=lambda d: order.get(d["set"], len(order)))
+    made_from = lineage(storage)
+    diversity_rows = sorted(_combined(storage, DIVERSITY_PREFIX), key=lambda d: order.get(d["set"], len(order)))
     per_class = {}
     for d in diversity_rows:
-        per_class[d["set"]] = _table(storage, f"{DIVERSITY_PREFIX}/per_class/{d['set']}.parquet")
+        per_class[d["set"]] = _output_table(storage, DIVERSITY_PREFIX, d)
     diversity = []
     for d in diversity_rows:
         vals = [r["mean_cosine"] for r in per_class[d["set"]]]
         diversity.append({"set": d["set"], "network": d["network"], "mean_cosine": d["mean_cosine"],
                           "min_class": min(vals), "max_class": max(vals)})
     teachers = [{"teacher": r["teacher"], "arch": r["arch"], "val_top1": r["val_top1"], "train_images":
-                 r["train_images"], "seconds": r["seconds"]} for r in _table(storage, f"squeeze/{COMBINED}")]
+                 r["train_images"], "seconds": r["seconds"]} for r in _combined(storage, "squeeze")]
     set_names = sorted({r["set"] for r in results}, key=lambda n: order[n])
     return {"name": cfg["run"]["name"], "config": cfg, "ipc": cfg["recover"]["ipc"], "results": results,
             "accuracy": accuracy, "paired": paired_comparisons(results, cfg["recover"]["name"]),
             "diversity": diversity, "diversity_per_class": per_class,
             "retention": retention(storage, [n for n in set_names if n != REAL]), "teachers": teachers,
-            "compute": compute_by_stage(storage)}
+            "compute": compute_by_stage(storage), "lineage": made_from}
 
 
 def paired_comparisons(results: list[dict], method: str) -> list[dict]:
@@ -101,7 +132,7 @@ def retention(storage: Storage, sets: list[str]) -> list[dict]:
     convergence); the random-real set, which has neither, is left out."""
     out = []
     for s in sets:
-        rows = [r for r in _table(storage, f"{recover_prefix(s)}/{COMBINED}") if r.get("loss_ce") is not None]
+        rows = [r for r in _combined(storage, recover_prefix(s)) if r.get("loss_ce") is not None]
         if not rows:
             continue
         values = [r["init_ssim"] for r in rows if r.get("init_ssim") is not None]
@@ -118,7 +149,7 @@ def compute_by_stage(storage: Storage) -> list[dict]:
     from prism_ray.status import stage_prefixes
     out = []
     for prefix in stage_prefixes(storage):
-        rows = _table(storage, f"{prefix}/{COMBINED}")
+        rows = _combined(storage, prefix)
         if not rows:
             continue
         seconds = 0.0
@@ -195,6 +226,21 @@ def retention_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def lineage_table(figures: dict) -> str:
+    """Each evaluate stage and what it was made from (generation / config digest), as checked when reporting."""
+    rows = figures.get("lineage") or []
+    if not rows:
+        return "(no lineage recorded)"
+    lines = ["Every output below was made from exactly these upstream outputs (generation / config digest; checked "
+             "against the run when this report was written):", "", "| stage | generation / config | made from |",
+             "|---|---|---|"]
+    for r in rows:
+        ups = ", ".join(f"{u} {v['generation']} / {v['config']}" if v else f"{u} (none)"
+                        for u, v in r["upstream"].items())
+        lines.append(f"| {r['stage']} | {r['generation']} / {r['config']} | {ups} |")
+    return "\n".join(lines)
+
+
 def markdown(figures: dict) -> str:
     cfg = figures["config"]
     d, e = cfg["data"], cfg["evaluate"]
@@ -215,6 +261,7 @@ def markdown(figures: dict) -> str:
         parts += [f"| {t['teacher']} | {t['arch']} | {100 * t['val_top1']:.2f} | {t['train_images']} | "
                   f"{t['seconds']:.1f} |" for t in figures["teachers"]]
         parts.append("")
+    parts += ["## Lineage", "", lineage_table(figures), ""]
     parts += ["## Compute (sum of unit times, all workers)", "", "| stage | units | seconds |", "|---|---|---|"]
     parts += [f"| {c['stage']} | {c['units']} | {c['seconds']:.1f} |" for c in figures["compute"]]
     return "\n".join(parts) + "\n"
@@ -225,10 +272,10 @@ def sample_grid(storage: Storage, sets: list[str], max_classes: int = 10, scale_
     label_w, pad = 110, 4
     rows = []
     for s in sets:
-        table = _table(storage, f"recover/{s}/{COMBINED}")
+        store = ShardStore(storage, recover_prefix(s))
+        table = _combined(storage, recover_prefix(s))
         picks = sorted((r for r in table if r["ipc_index"] == 0), key=lambda r: r["class_id"])[:max_classes]
-        rows.append((s, [Image.open(io.BytesIO(storage.read_bytes(f"recover/{s}/{r['path']}"))).convert("RGB")
-                         for r in picks]))
+        rows.append((s, [Image.open(io.BytesIO(store.read_output(r))).convert("RGB") for r in picks]))
     cols = max((len(r[1]) for r in rows), default=1)
     grid = Image.new("RGB", (label_w + cols * (scale_to + pad), len(rows) * (scale_to + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -316,9 +363,9 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
     figures = collect(storage)
     if as_json:
         print(json.dumps({k: figures[k] for k in ("accuracy", "paired", "diversity", "retention", "teachers",
-                                                  "compute")}, indent=2), file=stream)
+                                                  "compute", "lineage")}, indent=2), file=stream)
         return 0
-    for table in (accuracy_table, paired_table, diversity_table, retention_table):
+    for table in (accuracy_table, paired_table, diversity_table, retention_table, lineage_table):
         print(table(figures), file=stream)
         print("", file=stream)
     return 0

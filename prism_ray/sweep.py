@@ -48,8 +48,8 @@ from prism_ray.config_loader import apply_override, config_from_dict
 from prism_ray.formatting import hms
 from prism_ray.stages.base import StageError, classify_change
 from prism_ray.stats import paired_difference
-from prism_ray.storage import COMBINED, ShardStore, Storage
-from prism_ray.teacher_pool import checkpoint_key
+from prism_ray.storage import ShardStore, Storage, new_generation
+from prism_ray.teacher_pool import RUN_WEIGHTS
 
 SWEEP_KEYS = ("name", "base", "output", "set", "vary", "grid", "points")
 POINT_KEYS = ("name", "set", "grow_from")
@@ -168,7 +168,8 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
     points = _expand(spec)
     sweep = Sweep(name, output, base_path, common, [], base_raw=raw_common)
     out_storage = Storage(output, base_cfg.storage)
-    teachers_uri = {t.name: out_storage.uri(f"{TEACHERS_RUN}/{checkpoint_key(t.name)}")
+    # squeezed teachers come from the sweep's teachers run, through its squeeze manifest (checked by sha256)
+    teachers_uri = {t.name: f"{RUN_WEIGHTS}{out_storage.full_uri(TEACHERS_RUN)}"
                     for t in base_cfg.teachers.models if t.weights == "squeeze"}
     seen: dict[str, str] = {}
     for p in points:
@@ -179,7 +180,7 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
                 raise ConfigError(where, f"sets {key}, but points share the squeeze teachers and the sweep's "
                                          f"layout; set it in the base config or the sweep's `set`")
         _apply(raw, p.overrides, where)
-        raw.setdefault("run", {}).update(output=out_storage.uri(f"points/{p.name}"), name=f"{name}-{p.name}")
+        raw.setdefault("run", {}).update(output=out_storage.full_uri(f"points/{p.name}"), name=f"{name}-{p.name}")
         # the resolved teachers (defaults included), squeezed ones replaced by the shared checkpoints
         raw["teachers"] = {**(raw.get("teachers") or {}), "models": [
             {**dataclasses.asdict(t), "weights": teachers_uri.get(t.name, t.weights)}
@@ -372,22 +373,24 @@ def seed_from(storage: Storage, sweep: Sweep, point: Point) -> None:
                                                              data_context(cfg))}
     for set_name, stage in stage_by_set.items():
         src, dst = f"{source}/{recover_prefix(set_name)}", f"{target}/{recover_prefix(set_name)}"
-        if not storage.exists(f"{src}/config.json"):
+        src_store = ShardStore(storage, src)
+        recorded = src_store.record()
+        if recorded is None:
             continue  # the earlier point has no such set: this one makes it from scratch
-        recorded = storage.read_json(f"{src}/config.json")
-        if storage.exists(f"{dst}/config.json") and storage.read_json(f"{dst}/config.json") != recorded:
+        own = ShardStore(storage, dst).record()
+        if own is not None and own["config"] != recorded["config"]:
             continue  # this point's own recover has begun (its record is its own config now)
-        change = classify_change(recorded, stage.current_config())
+        change = classify_change(recorded["config"], stage.current_config())
         if change.other or change.lowered:
             raise StageError(f"sweep point {point.name!r}: grow_from {point.grow_from!r}: {stage.name} differs in "
                              f"{', '.join(change.describe())}; grow_from needs the same recover settings and a "
                              f"larger (or equal) IPC")
-        src_store, dst_store = ShardStore(storage, src), ShardStore(storage, dst)
+        dst_store = ShardStore(storage, dst, generation=own["generation"] if own else new_generation())
         shards = sorted(src_store.committed() - dst_store.committed())  # an interrupted copy resumes
         for sid in shards:
-            for rel in src_store.read(sid).column("path").to_pylist():
-                storage.write_bytes(f"{dst}/{rel}", storage.read_bytes(f"{src}/{rel}"))
-        storage.write_bytes(f"{dst}/config.json", storage.read_bytes(f"{src}/config.json"))
+            for row in src_store.read(sid).to_pylist():
+                storage.write_bytes(dst_store.key(row["path"]), src_store.read_output(row))
+        storage.write_json(dst_store.record_key, {**recorded, "generation": dst_store.generation})
         for sid in shards:
             storage.create_exclusive(dst_store.manifest_key(sid), storage.read_bytes(src_store.manifest_key(sid)))
 
@@ -491,7 +494,7 @@ def write_table(storage: Storage, sweep: Sweep) -> list[dict]:
             continue
     rows = table_rows(records)
     try:
-        teachers = storage.read_table(f"{TEACHERS_RUN}/squeeze/{COMBINED}").to_pylist()
+        teachers = ShardStore(storage, f"{TEACHERS_RUN}/squeeze").read_combined().to_pylist()
     except FileNotFoundError:
         teachers = []
     if rows:

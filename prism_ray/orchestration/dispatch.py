@@ -62,8 +62,9 @@ def check_room(stage: Stage, cfg: RayConfig) -> None:
                      f"evaluate.batch_size, evaluate.val_batch_size)")
 
 
-def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageReport:
-    """Run every uncommitted unit of `stage` on Ray actors; return what happened."""
+def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None) -> StageReport:
+    """Run every uncommitted unit of `stage` on Ray actors; return what happened. `lease`: the run's lease
+    (`prism_ray.lease.RunLease`); the stage stops when another driver takes it over."""
     run = StageRun(stage, quiet=quiet)
     report, progress = run.report, run.progress
     queue: deque[Unit] = deque(run.todo)
@@ -129,6 +130,8 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                 signum = stopping.requested()
                 if signum is not None:
                     raise stopping.Interrupted(signum, report, stage.unit_noun)
+                if lease is not None:
+                    lease.check()  # another driver took the run over: stop dispatching at once
                 now = time.monotonic()
                 if now >= next_watch:
                     cluster.poll()

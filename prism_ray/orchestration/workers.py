@@ -23,15 +23,13 @@ from prism_ray.memory import peak_rss_bytes
 from prism_ray.orchestration.cluster import set_torch_threads
 from prism_ray.orchestration.progress import StageRun, describe_error
 from prism_ray.stages.base import Stage, StageError, Unit
+from prism_ray.storage import RECORDS, ShardStore
 
 FAKE_GPUS_ENV = "PRISM_RAY_FAKE_GPUS"  # tests: GPUs that are Ray resources only (ray.cluster_utils nodes)
 START_DEATHS_BEFORE_FAILING = 10  # workers dying while starting (not their own error) before the stage gives up
-RECORDS = "records"
-
-
-def record_key(prefix: str, unit_id: str) -> str:
+def record_key(store: ShardStore, unit_id: str) -> str:
     """Where the worker that committed a unit records which node did it (and how long it took)."""
-    return f"{prefix}/{RECORDS}/{unit_id}.json"
+    return store.key(f"{RECORDS}/{unit_id}.json")
 
 
 def one_line(text: str) -> str:
@@ -86,13 +84,14 @@ class StageActor:
     def run(self, unit: Unit) -> dict:
         t0 = time.perf_counter()
         with self._compute_lock:
-            computed = self.worker.compute(unit)
-        summary = self.worker.commit(unit, computed)
+            skipped = self.worker.skip_committed(unit)  # its manifest landed before: never compute it again
+            computed = None if skipped else self.worker.compute(unit)
+        summary = skipped or self.worker.commit(unit, computed)
         seconds = time.perf_counter() - t0
         summary.update(self.node, unit_seconds=seconds, peak_rss=peak_rss_bytes())  # what this worker held
         if summary.get("committed", True):
             try:  # informational: a unit stays committed even if its record cannot be written
-                self.stage.storage.write_json(record_key(self.stage.prefix, unit.id), {
+                self.stage.storage.write_json(record_key(self.stage.store, unit.id), {
                     "unit": unit.id, **self.node, "worker": self.name, "seconds": round(seconds, 3),
                     "finished": time.time()})
             except Exception as e:  # noqa: BLE001

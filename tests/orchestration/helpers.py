@@ -13,7 +13,7 @@ from tests.conftest import FMNIST_ROOT
 def recover_config(output: str, *, ipc: int = 6, classes: int = 4, group: int = 2, iterations: int = 10,
                    workers: int = 2, **sections):
     raw = {
-        "run": {"name": "orch", "output": output, "seed": 1, "stages": ["recover"]},
+        "run": {"name": "orch", "output": output, "seed": 1, "stages": ["recover"], "lease_seconds": 5},
         "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": classes, "max_per_class": 20},
         "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
                                 {"name": "t2", "arch": "convnet", "weights": "random"}]},
@@ -34,7 +34,7 @@ def planned_stage(cfg, stage_name: str = "recover", record_plan: bool = True):
     context = pipeline.data_context(cfg)
     pipeline.record_run(cfg, storage, context)
     (stage,) = pipeline.build_stages(cfg, storage, context, [stage_name])
-    stage.check_config()
+    stage.prepare()
     if record_plan:
         pipeline.record_plan(stage)
     return stage, storage
@@ -50,17 +50,18 @@ def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, ex
         assert store.verify(sid) == [], sid
         listed += store.read(sid).column("path").to_pylist()
     assert len(listed) == len(set(listed)) == expected_images
-    on_disk = [posixpath.relpath(p, storage.path(recover_prefix(set_name)))
-               for p in storage.fs.find(storage.path(f"{recover_prefix(set_name)}/images"))]
-    assert sorted(on_disk) == sorted(listed)
-    combined = storage.read_table(f"{recover_prefix(set_name)}/manifest.parquet")
-    assert combined.num_rows == expected_images
+    root = storage.path(store.key(""))
+    on_disk = [posixpath.relpath(p, root) for p in storage.fs.find(storage.path(store.key("images")))]
+    assert sorted(on_disk) == sorted(listed)  # no file of an attempt that did not commit is left
+    assert store.read_combined().num_rows == expected_images
+    # one generation: nothing of an earlier (reset) one is left beside it
+    assert [k.rsplit("/", 1)[-1] for k in storage.list(recover_prefix(set_name)) if "/g" in k] == [store.generation]
 
 
 def pipeline_config(output: str, **sections):
     """All four stages on 4 Fashion-MNIST classes with random-weight teachers: seconds per stage."""
     raw = {
-        "run": {"name": "e2e", "output": output, "seed": 2},
+        "run": {"name": "e2e", "output": output, "seed": 2, "lease_seconds": 5},
         "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": 4, "max_per_class": 20,
                  "max_val": 200},
         "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
@@ -90,7 +91,7 @@ def start_stage_thread(cfg, kind: str = "recover"):
     context = pipeline.data_context(cfg)
     pipeline.record_run(cfg, storage, context)
     stage = pipeline.build_stages(cfg, storage, context, [kind])[0]
-    stage.check_config()
+    stage.prepare()
     pipeline.record_plan(stage)
     result: dict = {}
 
@@ -126,6 +127,7 @@ def worker_actors() -> list:
 
 def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
     """Unit id -> id of the node whose worker committed it, from the stage's unit records."""
-    from prism_ray.orchestration.workers import RECORDS
+    from prism_ray.storage import RECORDS
+    store = ShardStore(storage, prefix)
     return {posixpath.basename(k)[: -len(".json")]: storage.read_json(k)["node_id"]
-            for k in storage.list(f"{prefix}/{RECORDS}", suffix=".json")}
+            for k in storage.list(store.key(RECORDS), suffix=".json")}

@@ -100,8 +100,9 @@ def test_job_runs_on_both_worker_nodes(local_cluster, tmp_path):
     storage = Storage(str(tmp_path / "run"))
     check_exactly_once(storage, "prism", 8, 16)
     assert len(set(unit_nodes(storage, PREFIX).values())) == 2  # the head has no CPUs: one worker per node
-    from prism_ray.orchestration.workers import RECORDS
-    ips = {storage.read_json(k)["node_ip"] for k in storage.list(f"{PREFIX}/{RECORDS}", suffix=".json")}
+    from prism_ray.storage import RECORDS
+    records = ShardStore(storage, PREFIX).key(RECORDS)
+    ips = {storage.read_json(k)["node_ip"] for k in storage.list(records, suffix=".json")}
     assert ips == {"127.0.0.1"}  # the address the nodes were started with, not the machine's interface
 
 

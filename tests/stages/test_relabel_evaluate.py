@@ -5,6 +5,8 @@ import json
 import re
 import statistics
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from prism_ray.data import build_dataset
 from prism_ray.stages.image_sets import load_image_set
 from prism_ray.stages.relabel import LabelSource, read_epoch
 from prism_ray.status import run_status
+from prism_ray.storage import ShardStore
 from prism_ray.teacher_pool import load_pool, model_shape
 from tests.orchestration.helpers import pipeline_config
 
@@ -35,7 +38,7 @@ def test_every_stage_committed(finished_run):
     assert stages["relabel"]["committed"] == 6 and stages["relabel"]["missing"] == 0
     assert stages["evaluate/students"]["committed"] == 4
     assert stages["evaluate/diversity"]["committed"] == 3
-    labels = storage.list("relabel/labels")
+    labels = storage.list(ShardStore(storage, "relabel").key("labels"))
     assert len(labels) == 6  # one Parquet file per set per two epochs
 
 
@@ -69,16 +72,18 @@ def test_stored_labels_equal_live_labels(finished_run, holding):
 def test_workers_record_how_they_held_the_sets(finished_run):
     storage = pipeline.open_storage(finished_run)
     for prefix in ("relabel", "evaluate/students"):
-        rows = storage.read_table(f"{prefix}/manifest.parquet").to_pylist()
+        rows = ShardStore(storage, f"{prefix}").read_combined().to_pylist()
         assert {r["holding"] for r in rows} == {"host"}  # a few KB: decoded, in memory
         assert all(r["peak_rss_bytes"] > 0 for r in rows)
-    students = storage.read_table("evaluate/students/manifest.parquet").to_pylist()
+    students = ShardStore(storage, "evaluate/students").read_combined().to_pylist()
     assert {r["val_images"] for r in students} == {200}  # data.max_val, streamed
 
 
 def test_stored_label_rows_hold_the_plan_and_logits(finished_run):
     storage = pipeline.open_storage(finished_run)
-    table = storage.read_table("relabel/labels/prism-e0000-0001.parquet")
+    store = ShardStore(storage, "relabel")
+    (row,) = store.read("prism-e0000-0001").to_pylist()
+    table = pq.read_table(pa.BufferReader(store.read_output(row)))
     assert table.num_rows == 2 * 8  # two epochs x 8 images
     assert {"epoch", "position", "image", "crop", "flip", "partner", "mix_box", "mix_lam", "logits"} <= set(
         table.column_names)
