@@ -97,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except _expected_errors() as e:
-        from prism_ray.storage import redact_uri
+        from prism_ray.redaction import redact_uri
         print(f"prism-ray: error: {redact_uri(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
@@ -106,6 +106,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prism-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - an unexpected failure: its traceback, with any credentials redacted
+        import traceback
+
+        from prism_ray.redaction import redact_uri
+        print(redact_uri(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_FAILED
 
 
 def _dispatch(args: argparse.Namespace) -> int:

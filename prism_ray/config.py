@@ -284,6 +284,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.stages[{i}]", f"got {stage!r}; allowed: {', '.join(STAGES)}")
     if not cfg.run.output.strip():
         raise ConfigError("run.output", "must be a path or URI")
+    from prism_ray.redaction import redact_uri
+    for path, uri in (("run.output", cfg.run.output), ("data.root", cfg.data.root), ("data.train", cfg.data.train),
+                      ("data.val", cfg.data.val), ("data.index", cfg.data.index)):
+        if uri and "://" in uri and uri.split("://", 1)[0].lower() in ("s3", "s3a", "gs", "gcs", "az", "abfs") \
+                and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(path, f"{redact_uri(uri)} holds credentials (user:password@); prism-ray takes storage "
+                                    f"credentials from the environment (AWS_ACCESS_KEY_ID, ...) or storage.options, "
+                                    f"never from a URI, where they would be logged")
 
     d = cfg.data
     if d.dataset in ("image_folder", "parquet") and not d.train:

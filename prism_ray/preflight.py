@@ -71,7 +71,7 @@ def check_lineage(stage: Stage, by_prefix: dict[str, Stage], produced: set[str],
             change = classify_change(record["config"], upstream_stage.current_config())
             rerun = f"prism-ray {upstream_stage.kind} CONFIG" + ("" if change.is_growth else " --fresh")
             raise StageError(f"{stage.name}: reads {up}, whose outputs were made with another config (differing: "
-                             f"{', '.join(change.describe()[:8])}); run that stage for this config first ({rerun})")
+                             f"{', '.join(change.describe(with_growth=True)[:8])}); run that stage for this config first ({rerun})")
     if fresh:
         return
     own = stage.record()

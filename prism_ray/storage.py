@@ -138,6 +138,8 @@ def translate_errors(what: str, uri: str) -> Iterator[None]:
                     "ConnectionRefusedError", "ReadTimeoutError") or "Could not connect" in text:
             raise TransientStorageError(f"{what} {uri}: storage endpoint unreachable ({text}); check storage.endpoint_url "
                                f"or AWS_ENDPOINT_URL and that the service is running") from None
+        if name == "ParamValidationError" and "bucket name" in text.lower():
+            raise StorageError(f"{what} {uri}: not a valid bucket name; check run.output and the data URIs") from None
         if name == "NoCredentialsError" or "Unable to locate credentials" in text:
             raise StorageError(f"{what} {uri}: no credentials found; set AWS_ACCESS_KEY_ID and "
                                f"AWS_SECRET_ACCESS_KEY or storage.options") from None

@@ -295,7 +295,11 @@ def test_credentials_in_uris_are_never_recorded_or_printed(tmp_path, capsys):
     signed = recover_config(str(tmp_path / "run2"), teachers={"models": [cfg.teachers.models[0].__dict__, spec]})
     stage = RecoverStage(signed, storage, pipeline.data_context(signed), "prism", signed.recover)
     assert secret not in str(stage.current_config()) and "X-Amz-Signature=***" in str(stage.current_config())
+    capsys.readouterr()
     assert main(["recover", write_config(cfg, tmp_path / "c.yaml"), "--quiet", "--set",
                  f"run.output=s3://AKIAEXAMPLE:{secret}@bucket/run"]) == 2
     err = capsys.readouterr().err
-    assert "s3://***@bucket/run" in err and secret not in err
+    assert "run.output: s3://***@bucket/run holds credentials" in err and secret not in err
+    # an unexpected failure's traceback is redacted too
+    assert main(["status", f"https://user:{secret}@127.0.0.1:9/run"]) in (1, 2)
+    assert secret not in capsys.readouterr().err

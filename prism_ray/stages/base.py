@@ -325,11 +325,12 @@ class ConfigChange:
     def is_growth(self) -> bool:
         return bool(self.grown) and not self.lowered and not self.other
 
-    def describe(self) -> list[str]:
-        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink)."""
+    def describe(self, with_growth: bool = False) -> list[str]:
+        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink). A raised IPC is
+        listed beside other changes, or always with `with_growth`."""
         lowered = [f"{k} (lowered from {a} to {b}: a set can grow, not shrink)" for k, a, b in self.lowered]
         return lowered + self.other + [f"{k} (raised from {a} to {b})" for k, a, b in self.grown
-                                       if self.other or self.lowered]
+                                       if self.other or self.lowered or with_growth]
 
 
 def classify_change(recorded: dict, current: dict) -> ConfigChange:

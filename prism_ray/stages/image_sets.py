@@ -96,7 +96,7 @@ def _manifest_rows(storage: Storage, set_name: str, expected: dict | None = None
     try:
         store, table = read_upstream(storage, prefix, expected)
     except StageError as e:
-        raise StageError(f"image set {set_name!r}: {e}") from None
+        raise StageError(f"image set {set_name!r} cannot be read ({e}); run the recover stage first") from None
     rows = table.select(["class_id", "ipc_index", "path", "bytes", "sha256"]).to_pylist()
     if not rows:
         raise StageError(f"image set {set_name!r} ({storage.uri(prefix)}) lists no images")

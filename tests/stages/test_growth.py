@@ -155,7 +155,7 @@ def test_retention_is_recorded_per_image(grown):
             continue
         assert {r["init_ssim_ref"] for r in rows} == {"init" if s == "prism" else "kth_real"}
         for r in rows[:3]:  # the recorded value is the SSIM of the saved (PNG, lossless) image to the real one
-            png = Image.open(io.BytesIO(storage.read_bytes(f"recover/{s}/{r['path']}")))
+            png = Image.open(io.BytesIO(ShardStore(storage, f"recover/{s}").read_output(r)))
             saved = torch.from_numpy(np.asarray(png, dtype=np.float32))[None, None] / 255
             real = train.pixels_at([r["class_id"]], r["ipc_index"])
             real = (real * 255).round() / 255
