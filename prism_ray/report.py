@@ -323,10 +323,10 @@ def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> 
     return buf.getvalue()
 
 
-# Columns of a student's manifest row that describe the machine, not the result (times, retries, memory, and
-# where the set was held, which follows the memory free): left out of results.parquet, so that a run repeated
-# with the same seed gives the same results table byte for byte.
-MACHINE_COLUMNS = ("train_seconds", "storage_retries", "peak_rss_bytes", "holding")
+# Columns of a student's manifest row that describe the machine, not the result (times, retries, memory, where the
+# set was held, which follows the memory free, and the attempt that wrote the weights with its key): left out of
+# results.parquet, so that a run repeated with the same seed gives the same results table byte for byte.
+MACHINE_COLUMNS = ("train_seconds", "storage_retries", "peak_rss_bytes", "holding", "attempt", "path")
 
 
 def archive_other_ipc(storage: Storage, ipc: int) -> None:
