@@ -51,9 +51,14 @@ def ensure(iam, role: str, policy_file: str, bucket: str) -> list[str]:
     return done
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--bucket", required=True, help="the bucket of run.output (s3://BUCKET/...)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if not BUCKET_NAME.match(args.bucket):
         parser.error(f"--bucket: {args.bucket!r} is not a bucket name (give the name only, without s3://)")
