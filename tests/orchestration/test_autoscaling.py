@@ -4,11 +4,12 @@ pending demand (`request_resources`) makes the autoscaler launch nodes, the stag
 join, every unit commits once, and once the stage is over the request is withdrawn and the nodes scale down.
 With a CPU type and a type with a GPU (a Ray resource only: no CUDA here), GPU workers bring up only GPU nodes.
 
-Not `AutoscalingCluster` itself: in the Ray 2.60 wheel it reads a config file the wheel does not ship
-(fake_multi_node/example.yaml), its start and shutdown run `ray stop --force` (every Ray on the machine), and it
-binds the head to the machine's interface address. The fixture below starts the same head (`ray start --head
---autoscaling-config=...` with RAY_FAKE_CLUSTER and autoscaler v2 switched on) on 127.0.0.1, in a session of its
-own that is killed at the end."""
+Not `AutoscalingCluster` itself: the Ray 2.60 wheel does not ship the file it and the `fake_multinode` provider
+type read their defaults from (fake_multi_node/example.yaml: the autoscaler's monitor dies on it), its start and
+shutdown run `ray stop --force` (every Ray on the machine), and it binds the head to the machine's interface
+address. The fixture below starts the same head (`ray start --head --autoscaling-config=...` with
+RAY_FAKE_CLUSTER and autoscaler v2 switched on) on 127.0.0.1, with the same provider class loaded as an
+`external` provider, in a session of its own that is killed at the end."""
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ def _launcher_config(port: int, worker_types: dict) -> dict:
     return {
         "cluster_name": "prism-autoscaling-test", "max_workers": 4, "upscaling_speed": 1.0,
         "idle_timeout_minutes": IDLE_MINUTES,
-        "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+        "provider": {"type": "external",
+                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
+                     "use_node_id_as_ip": True, "disable_node_updaters": True,
                      "disable_launch_config_check": True, "launch_multiple": True, "head_node_id": FAKE_HEAD_NODE_ID,
                      "gcs_address": f"127.0.0.1:{port}"},
         "available_node_types": {"ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
