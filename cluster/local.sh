@@ -144,7 +144,10 @@ down() {
       for _ in $(seq 1 "$STOP_SECONDS"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
       # Still there: kill its whole session (`up` started each node as a session of its own with setsid), the
       # raylet, GCS and workers included, not `ray start` alone.
-      if kill -0 "$pid" 2>/dev/null; then pkill -KILL -s "$pid" || true; fi
+      if kill -0 "$pid" 2>/dev/null; then
+        pkill -KILL -s "$pid" || true
+        for _ in $(seq 1 30); do pgrep -s "$pid" >/dev/null || break; sleep 1; done
+      fi
       stopped=$(( stopped + 1 ))
     fi
     rm -f "$f"

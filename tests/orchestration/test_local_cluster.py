@@ -57,7 +57,7 @@ def test_down_kills_a_node_that_does_not_stop_with_all_it_started(tmp_path):
         os.kill(head, signal.SIGSTOP)  # SIGTERM now waits: `ray start` cannot end its processes
         down = subprocess.run([str(SCRIPT), "down"], env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0 and "(1 node(s) stopped)" in down.stdout, down.stdout + down.stderr
-        assert session_processes(head) == []
+        wait_until(lambda: session_processes(head) == [], timeout=30, what="every process of the node's session gone")
     finally:
         kill_session(head)
         _remove_ray_temp(tmp_path / "state")
