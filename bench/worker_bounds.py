@@ -29,12 +29,13 @@ STAGES = {"recover/prism": "recover", "relabel": "relabel", "evaluate/diversity"
 def overrides(data: Path, out: Path, classes: int, res: int, group: int, val_batch: int, cpus: int) -> list[str]:
     return [
         "run.name=bounds", f"run.output={out}", "run.stages=[recover, relabel, evaluate]",
-        "data.dataset=image_folder", f"data.train={data / 'train'}", f"data.val={data / 'val'}", f"data.classes={classes}",
-        f"data.resolution={res}", "data.index=",
+        "data.dataset=image_folder", f"data.train={data / 'train'}", f"data.val={data / 'val'}",
+        f"data.classes={classes}", f"data.resolution={res}", "data.index=",
         "teachers.models=[{name: t1, arch: shufflenet_v2_x0_5, weights: random}, "
         "{name: t2, arch: mobilenet_v3_small, weights: random}]",
         "recover.primary=t1", "recover.bn_pool=[t2]", "recover.ipc=1", f"recover.class_group={group}",
-        "recover.iterations=2", "recover.schedule=flat", "recover.image_format=jpeg", "baselines.random_real=false", "baselines.recover={}",
+        "recover.iterations=2", "recover.schedule=flat", "recover.image_format=jpeg", "baselines.random_real=false",
+        "baselines.recover={}",
         "relabel.teachers=[t1, t2]", "relabel.mix_group=50",
         "evaluate.students=[shufflenet_v2_x0_5]", "evaluate.seeds=[0]", "evaluate.epochs=1",
         f"evaluate.val_batch_size={val_batch}", "evaluate.diversity_network=t1",
