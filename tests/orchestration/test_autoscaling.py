@@ -123,15 +123,20 @@ class NodeCount:
     def now(self) -> list[dict]:
         return [n for n in ray.nodes() if n["Alive"] and not n["Resources"].get("node:__internal_head__")]
 
+    def _sample(self):
+        nodes = self.now()
+        self.samples.append((time.time(), len(nodes), tuple(sorted(n["Resources"].get("GPU", 0) for n in nodes))))
+
     def _run(self):
         while not self._stop.is_set():
-            nodes = self.now()
-            self.samples.append((time.time(), len(nodes), tuple(sorted(n["Resources"].get("GPU", 0) for n in nodes))))
+            self._sample()
             time.sleep(0.5)
 
     def stop(self):
+        """Stop sampling, with one last sample of how things stand now."""
         self._stop.set()
         self._thread.join()
+        self._sample()
 
 
 def test_auto_workers_bring_up_nodes_use_them_and_let_them_go(autoscaling_cluster, tmp_path):
