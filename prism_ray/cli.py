@@ -80,6 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(exit 1)")
             p.add_argument("--interval", type=float, default=5.0, help="--watch: seconds between refreshes (5)")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
+    p = sub.add_parser("release", help="withdraw every run's request to the cluster's autoscaler (nodes it kept "
+                                       "up for runs that are gone can then scale down)")
+    p.add_argument("--address", default="auto",
+                   help="the cluster (default: RAY_ADDRESS, else the Ray started on this machine)")
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
     p.add_argument("--grid", required=True, metavar="SWEEP.yaml",
@@ -115,6 +119,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "release":
+        from prism_ray.config import RayConfig
+        from prism_ray.orchestration import autoscaler
+        from prism_ray.orchestration.cluster import ray_session
+        with ray_session(RayConfig(address=args.address)):
+            n = autoscaler.release()
+        print(f"withdrew the autoscaler requests of {n} run(s); idle nodes scale down after the idle timeout")
+        return EXIT_OK
     if args.command == "teachers":
         from prism_ray.algo.teachers import ARCHITECTURES
         print("\n".join(sorted(ARCHITECTURES)))

@@ -81,6 +81,7 @@ def describe(cfg: Config, num_classes: int | None = None) -> str:
     from prism_ray.memory import worker_memory
     where = (f"{cfg.ray.gpus_per_worker:g} GPU, {cfg.ray.cpus_per_worker:g} CPU" if cfg.ray.gpus_per_worker else
              f"{cfg.ray.cpus_per_worker:g} CPU, no GPU")
-    lines.append(f"memory per worker ({where}; estimated from the networks' sizes, an upper bound):")
+    lines.append(f"memory per worker ({where}; from the networks' sizes plus measured overheads, a bound real workers "
+                 f"stayed under in bench/worker_bounds.py):")
     lines += [f"  {w.describe()}" for w in worker_memory(cfg, n)]
     return "\n".join(lines)

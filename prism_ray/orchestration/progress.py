@@ -33,6 +33,9 @@ class StageReport:
     storage_retries: int = 0  # storage requests of this invocation's commits that failed and were retried
     worker_peak_rss: int = 0  # bytes: the largest peak RSS a worker process reported (0: none reported)
     driver_peak_rss: int = 0  # bytes: this driver process's peak RSS when the stage ended
+    moved: int = 0  # units taken back from a busy worker before they began and given to an idle one
+    # Ray executor: (what, time.time(), ...) for units sent, moved and workers ready and ended; not in to_json
+    events: list = field(default_factory=list, repr=False)
 
     @property
     def complete(self) -> bool:
@@ -45,7 +48,7 @@ class StageReport:
                 "nodes_joined": self.nodes_joined, "nodes_left": self.nodes_left, "images": self.images,
                 "seconds": round(self.seconds, 3), "storage_retries": self.storage_retries,
                 "worker_peak_rss": self.worker_peak_rss, "driver_peak_rss": self.driver_peak_rss,
-                "complete": self.complete}
+                "moved": self.moved, "complete": self.complete}
 
     def cluster_line(self) -> str:
         """What the cluster did during the stage ('' when nothing happened worth a line)."""

@@ -5,6 +5,7 @@ import posixpath
 
 from prism_ray import pipeline
 from prism_ray.config_loader import config_from_dict
+from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.storage import ShardStore, Storage
 from tests.conftest import FMNIST_ROOT
@@ -131,3 +132,94 @@ def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
     store = ShardStore(storage, prefix)
     return {posixpath.basename(k)[: -len(".json")]: storage.read_json(k)["node_id"]
             for k in storage.list(store.key(RECORDS), suffix=".json")}
+
+
+def sleep_stage(cfg, storage, seconds: list[float], prefix: str = "test/sleep"):
+    """A stage of len(seconds) units whose unit i only sleeps seconds[i] (no CPU), then commits one small file:
+    dispatch tests choose how long each unit takes. Prepared (its generation taken up), as a driver does."""
+    stage = _SleepStage(cfg, storage, RunContext(1, ["c0"], [1]), list(seconds), prefix)
+    stage.prepare()
+    return stage
+
+
+class _SleepStage(Stage):
+    kind = "test"
+
+    def __init__(self, cfg, storage, context, seconds, prefix):
+        super().__init__(cfg, storage, context)
+        self.seconds, self._prefix = seconds, prefix
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def units(self) -> list[Unit]:
+        return [Unit(f"u{i:02d}", {"seconds": s}) for i, s in enumerate(self.seconds)]
+
+    def fingerprint(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def open_worker(self) -> Worker:
+        return _SleepWorker(self)
+
+
+class _SleepWorker(Worker):
+    def __init__(self, stage):
+        self.stage = stage
+
+    def compute(self, unit: Unit):
+        import time
+        time.sleep(unit.payload["seconds"])
+        return unit.payload["seconds"]
+
+    def commit(self, unit: Unit, computed) -> dict:
+        res = self.stage.store.commit(unit.id, [(f"{unit.id}.txt", b"slept")], [{"seconds": computed}])
+        return {"committed": res.committed}
+
+
+def autoscaler_request() -> dict:
+    """What this cluster's autoscaler is asked to make room for (`request_resources`): bundle shape -> count."""
+    import json
+    from collections import Counter
+
+    import ray
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return {tuple(sorted(r.bundle.items())): r.count
+                for d in status.resource_demands.cluster_constraint_demand for r in d.bundles_by_count}
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return dict(Counter(tuple(sorted(b.items())) for b in json.loads(raw or "[]")))
+
+
+def session_processes(sid: int) -> list[int]:
+    """Pids of the processes of session `sid` (those a `setsid` command started, and their children)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            found.append(int(entry))
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`."""
+    import os
+    import signal
+
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
