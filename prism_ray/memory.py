@@ -148,9 +148,12 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     if "evaluate" in stages:
         e = cfg.evaluate
         live = _inference_bytes(label_teachers, shape, e.batch_size) if cfg.relabel.mode == "live" else 0
-        # training and scoring take turns: the larger of the two is the peak
-        student = max(max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2),
-                          int(_inference_bytes([a], shape, e.val_batch_size) * amp)) for a in e.students)
+        # training and scoring take turns: the larger of the two is the peak. A micro-batch's activations are
+        # held at a time (evaluate.accumulation_steps); bf16 autocast halves them; scoring runs fp32
+        student_amp = 0.5 if e.precision == "bf16" else 1.0
+        micro = -(-e.batch_size // e.accumulation_steps)
+        student = max(max(_train_bytes(a, shape, micro, student_amp, optimizer_states=2),
+                          _inference_bytes([a], shape, e.val_batch_size)) for a in e.students)
         loader = max(1, int(cfg.ray.cpus_per_worker)) * LOADER_PREFETCH * e.val_batch_size * d.channels * \
             d.resolution ** 2 * 4
         # a stored shard's file, one epoch decoded from it, and that epoch's labels as float32 for the loss
@@ -160,8 +163,7 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
                           "one uint8 set, the student in training, validation batches, one epoch's labels"))
         net = cfg.teacher(cfg.evaluate.diversity_network or cfg.recover.primary).arch
         batch = e.val_batch_size * d.channels * d.resolution ** 2 * 4  # the float batch fed to the network
-        out.append(_place("diversity", cfg, 0, sets + batch + int(_inference_bytes([net], shape, e.val_batch_size)
-                                                                 * amp),
+        out.append(_place("diversity", cfg, 0, sets + batch + _inference_bytes([net], shape, e.val_batch_size),
                           f"one uint8 set and the feature network on batches of {e.val_batch_size}"))
     return out
 
