@@ -98,7 +98,7 @@ def main() -> None:
 
     cuda = device.type == "cuda"
     cfg = EvaluateConfig(students=[args.student], epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw",
-                         lr=1e-3, weight_decay=0.01, loss="mse_ce", ce_weight=0.1,
+                         lr=1e-3, weight_decay=0.01, loss="mse_ce", ce_weight=0.1, accumulation_steps=1,
                          precision="bf16" if cuda else "fp32")  # on CUDA, bf16 + channels_last students
     logits = torch.randn(n, k, generator=g)  # the step's cost does not depend on the label values
     label_fn = lambda epoch: (plan(epoch), logits)  # noqa: E731

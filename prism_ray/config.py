@@ -170,18 +170,18 @@ class EvaluateConfig:
     no_decay_norm_bias: bool = True
     loss: Literal["mse_ce", "kl"] = "mse_ce"
     schedule: Literal["cosine", "cosine_epoch", "prism_reference"] = _f(
-        "cosine", doc="learning-rate schedule: cosine per optimizer step; cosine_epoch, the same cosine stepped once "
-                      "per epoch (SRe2L's validate code); prism_reference, the PRISM validate code's per-epoch "
-                      "stretched cosine then linear decay")
+        "prism_reference", doc="learning-rate schedule: prism_reference, the PRISM validate code's per-epoch "
+                               "stretched cosine then linear decay; cosine_epoch, a cosine stepped once per epoch "
+                               "(SRe2L's validate code); cosine, a cosine per optimizer step")
     accumulation_steps: int = _f(
-        1, ge=1, doc="micro-batches per optimizer step: each batch runs as this many forward/backward passes of "
+        2, ge=1, doc="micro-batches per optimizer step: each batch runs as this many forward/backward passes of "
                      "batch_size / accumulation_steps images (BN statistics over a micro-batch), each loss divided "
                      "by accumulation_steps; the PRISM and SRe2L references use 2")
     precision: Literal["fp32", "bf16"] = _f(
         "fp32", doc="student forward pass: fp32 (the references: autocast off) or bf16 autocast with the loss in "
                     "fp32 (any device; on a CPU without bf16 instructions it is slower, there for measurement)")
     eval_every: int = _f(
-        0, ge=0, doc="score on the validation set after epoch e (0-based) when e % eval_every == 0 and after the "
+        10, ge=0, doc="score on the validation set after epoch e (0-based) when e % eval_every == 0 and after the "
                      "last epoch, as the references do with 10; keeps best and final top-1/top-5. 0 = only after "
                      "the last epoch")
     ce_weight: float = _f(0.1, ge=0)
@@ -337,13 +337,13 @@ def validate(cfg: Config) -> None:
     for j, n in enumerate(cfg.relabel.teachers):
         known(f"relabel.teachers[{j}]", n)
     _scale_range(cfg.relabel.crop_scale, "relabel.crop_scale")
+    if cfg.evaluate.batch_size % cfg.relabel.mix_group:
+        raise ConfigError("evaluate.batch_size", f"must be a multiple of relabel.mix_group ({cfg.relabel.mix_group}),"
+                                                 f" got {cfg.evaluate.batch_size}")
     if cfg.evaluate.batch_size % cfg.evaluate.accumulation_steps:
         raise ConfigError("evaluate.accumulation_steps",
                           f"must divide evaluate.batch_size ({cfg.evaluate.batch_size}) into equal micro-batches, got "
                           f"{cfg.evaluate.accumulation_steps}")
-    if cfg.evaluate.batch_size % cfg.relabel.mix_group:
-        raise ConfigError("evaluate.batch_size", f"must be a multiple of relabel.mix_group ({cfg.relabel.mix_group}),"
-                                                 f" got {cfg.evaluate.batch_size}")
     if cfg.relabel.epochs is not None and cfg.relabel.epochs < cfg.evaluate.epochs:
         raise ConfigError("relabel.epochs", f"must cover evaluate.epochs ({cfg.evaluate.epochs}), got "
                                             f"{cfg.relabel.epochs}")

@@ -87,7 +87,7 @@ def test_no_decay_group_holds_exactly_the_norm_and_bias_parameters(make):
 
 def test_cosine_schedule_per_step_without_warmup():
     model = nn.Linear(2, 2)
-    c = cfg(epochs=3, lr=0.1)
+    c = cfg(epochs=3, lr=0.1, schedule="cosine")
     opt = build_optimizer(model, c)
     sched = build_scheduler(opt, c, steps_per_epoch=4)
     seen = []
@@ -183,6 +183,10 @@ def test_two_micro_batches_of_25_give_the_reference_loops_gradients():
     backward_batch(whole, x, soft, cfg(batch_size=50, accumulation_steps=1, loss="mse_ce", ce_weight=0.1), targets=y)
     conv = next(p for n, p in whole.named_parameters() if n == "conv1.weight")
     assert not torch.allclose(conv.grad, ours.conv1.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_the_defaults_are_the_prism_recipe_s_and_fp32():
+    assert (cfg().schedule, cfg().accumulation_steps, cfg().eval_every) == ("prism_reference", 2, 10)
 
 
 def test_bf16_students_train_under_autocast_and_fp32_is_the_default():
