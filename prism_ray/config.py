@@ -54,6 +54,11 @@ class DataConfig:
     val: Optional[str] = _f(None, doc="image_folder / parquet: URI of the validation split")
     channels: Literal[1, 3] = 1
     resolution: int = _f(28, ge=8, le=1024)
+    resize: Optional[int] = _f(
+        None, ge=8, doc="shorter side resized to this (antialiased bilinear), then a centre crop to data.resolution, "
+                        "for real images (validation, real init, random real); empty = per data set: 256 for "
+                        "image_folder / parquet at resolution 224 (the ImageNet protocol Resize(256) + "
+                        "CenterCrop(224) of the PRISM and SRe2L code), data.resolution otherwise (no margin)")
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     classes: Optional[int] = _f(None, ge=1, doc="use only the first N classes (small runs and tests)")
@@ -66,6 +71,18 @@ class DataConfig:
     verify: Literal["auto", True, False] = _f(
         "auto", doc="decode every image when the data is listed: true, false, or auto (splits of at most 20,000 "
                     "images)")
+
+
+IMAGENET_PROTOCOL = (224, 256)  # (resolution, resize) of the standard ImageNet evaluation crop
+
+
+def resolved_resize(d: DataConfig) -> int:
+    """The shorter side real images are resized to before the centre crop (see DataConfig.resize)."""
+    if d.resize is not None:
+        return d.resize
+    if d.dataset in ("image_folder", "parquet") and d.resolution == IMAGENET_PROTOCOL[0]:
+        return IMAGENET_PROTOCOL[1]
+    return d.resolution
 
 
 @dataclass
@@ -299,6 +316,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{name}", f"needs {d.channels} values (data.channels), got {len(v)}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "values must be > 0")
+    if d.resize is not None and d.resize < d.resolution:
+        raise ConfigError("data.resize", f"got {d.resize}; the shorter side must be at least data.resolution "
+                                         f"({d.resolution}) for the centre crop")
+
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
