@@ -124,10 +124,15 @@ class RecoverConfig:
     bn_pool: Optional[list[str]] = _f(None, doc="teachers the extra BN teachers are drawn from; empty = every "
                                                 "teacher but the primary")
     selection: Literal["pre", "intra", "fixed"] = "pre"
+    draw_per: Literal["shard", "ipc"] = _f(
+        "ipc", doc="what one teacher draw covers: each shard its own, or every shard of one IPC index the same "
+                     "(the reference draws once per IPC index for all its class batches)")
     slots: int = _f(3, ge=0, doc="draws of extra BN teachers, each filled with slot_prob")
     slot_prob: float = _f(0.5, ge=0, le=1)
     fixed: list[str] = _f(factory=list, doc="selection=fixed: extra BN teachers used every step")
-    bn_average: Literal["bn_only", "reference"] = "bn_only"
+    bn_average: Literal["bn_only", "reference"] = _f(
+        "reference", doc="divisor of the summed BN losses: reference = every drawn teacher, BN-free ones (alexnet) "
+                       "included, as the authors' count_aux; bn_only = only teachers with BN layers")
     bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its detached value when first used")
     r_bn: float = _f(0.01, ge=0)
     first_bn_multiplier: float = _f(10.0, ge=0)
@@ -144,13 +149,17 @@ class RecoverConfig:
     class_group: int = _f(100, ge=1, doc="classes per cross-class batch (shard)")
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = _f(75, ge=1, le=100)
-    amp: bool = _f(True, doc="bf16 autocast on CUDA (always fp32 on CPU)")
-    channels_last: bool = True
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="teacher passes: fp32 (the reference) or bf16 autocast with bf16 copies of conv/linear weights "
+                    "(BN statistics and losses in fp32); bf16 applies on any device (slow on CPUs without bf16 "
+                    "instructions). docs/recover.md has what bf16 was measured to change")
+    channels_last: bool = _f(True, doc="NHWC teachers and images on CUDA (no effect on the numbers)")
 
 
 # Keys a baseline recover inherits from the main recover whatever its preset says: the set must be
 # comparable (same IPC, same primary, same encoding), only the method differs.
-RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "amp", "channels_last")
+RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "precision",
+                       "channels_last")
 
 
 @dataclass
@@ -319,7 +328,6 @@ def validate(cfg: Config) -> None:
     if d.resize is not None and d.resize < d.resolution:
         raise ConfigError("data.resize", f"got {d.resize}; the shorter side must be at least data.resolution "
                                          f"({d.resolution}) for the centre crop")
-
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):

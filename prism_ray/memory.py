@@ -114,7 +114,6 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     """Each worker kind that `stages` (default: run.stages) start, with its peak memory."""
     d = cfg.data
     shape = (num_classes, d.channels, d.resolution)
-    amp = 0.5 if cfg.ray.gpus_per_worker > 0 and cfg.recover.amp else 1.0  # bf16 activations on a GPU
     out = []
     stages = set(cfg.run.stages if stages is None else stages)
     if "squeeze" in stages and any(t.weights == "squeeze" for t in cfg.teachers.models):
@@ -134,6 +133,7 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
             if rc.selection == "fixed":
                 drawn = list(dict.fromkeys([rc.primary, *rc.fixed]))
             acts = sum(network_bytes(cfg.teacher(n).arch, *shape, rc.class_group)[1] for n in drawn)
+            amp = 0.5 if rc.precision == "bf16" else 1.0  # bf16 activations
             need = max(need, params + int(2 * acts * amp))  # saved activations and their gradients
         out.append(_place("recover", cfg, 0, need, f"teacher pool and a {cfg.recover.class_group}-image batch's "
                                                   f"activations with gradients"))

@@ -197,4 +197,7 @@ def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
     (row,) = storage.read_table(f"{STUDENTS_PREFIX}/manifest.parquet").to_pylist()
     assert row["resumed_from_epoch"] >= saved_epoch >= 10  # from its checkpoint, not from epoch 0
     assert row["epochs"] == 400
+    # scored after epochs 1, 11, ..., 391 and 400, once each: the scores before the kill came back with the
+    # checkpoint, those between the checkpoint and the kill were made again
+    assert row["scored_epochs"] == 41 and row["best_top1"] >= row["top1"]
     assert not storage.exists(checkpoint_key(unit))  # the commit cleared it
