@@ -54,9 +54,10 @@ def measure(work: Path, classes: int, res: int, group: int, val_batch: int, cpus
     if not (data / "val").exists():
         generate(str(data), classes, {"train": 1, "val": 1}, size_range=(res + 16, res + 64), quiet=True)
     sets = overrides(data, work / "run", classes, res, group, val_batch, cpus)
-    cfg = load_config(REPO / "jobs" / "configs" / "imagenet-ipc50.yaml", sets)
+    config = REPO / "jobs" / "configs" / "imagenet" / "resnet18.yaml"  # sized down by overrides()
+    cfg = load_config(config, sets)
     bounds = {w.kind: w.host for w in worker_memory(cfg, classes)}
-    cmd = [sys.executable, "-m", "prism_ray", "run", str(REPO / "jobs" / "configs" / "imagenet-ipc50.yaml"),
+    cmd = [sys.executable, "-m", "prism_ray", "run", str(config),
            "--json", "--quiet", *[a for s in sets for a in ("--set", s)]]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
     if done.returncode != 0:

@@ -57,6 +57,11 @@ class DataConfig:
     val: Optional[str] = _f(None, doc="image_folder / parquet: URI of the validation split")
     channels: Literal[1, 3] = 1
     resolution: int = _f(28, ge=8, le=1024)
+    resize: Optional[int] = _f(
+        None, ge=8, doc="shorter side resized to this (antialiased bilinear), then a centre crop to data.resolution, "
+                        "for real images (validation, real init, random real); empty = per data set: 256 for "
+                        "image_folder / parquet at resolution 224 (the ImageNet protocol Resize(256) + "
+                        "CenterCrop(224) of the PRISM and SRe2L code), data.resolution otherwise (no margin)")
     mean: Optional[list[float]] = None
     std: Optional[list[float]] = None
     classes: Optional[int] = _f(None, ge=1, doc="use only the first N classes (small runs and tests)")
@@ -69,6 +74,18 @@ class DataConfig:
     verify: Literal["auto", True, False] = _f(
         "auto", doc="decode every image when the data is listed: true, false, or auto (splits of at most 20,000 "
                     "images)")
+
+
+IMAGENET_PROTOCOL = (224, 256)  # (resolution, resize) of the standard ImageNet evaluation crop
+
+
+def resolved_resize(d: DataConfig) -> int:
+    """The shorter side real images are resized to before the centre crop (see DataConfig.resize)."""
+    if d.resize is not None:
+        return d.resize
+    if d.dataset in ("image_folder", "parquet") and d.resolution == IMAGENET_PROTOCOL[0]:
+        return IMAGENET_PROTOCOL[1]
+    return d.resolution
 
 
 @dataclass
@@ -110,10 +127,15 @@ class RecoverConfig:
     bn_pool: Optional[list[str]] = _f(None, doc="teachers the extra BN teachers are drawn from; empty = every "
                                                 "teacher but the primary")
     selection: Literal["pre", "intra", "fixed"] = "pre"
+    draw_per: Literal["shard", "ipc"] = _f(
+        "ipc", doc="what one teacher draw covers: each shard its own, or every shard of one IPC index the same "
+                     "(the reference draws once per IPC index for all its class batches)")
     slots: int = _f(3, ge=0, doc="draws of extra BN teachers, each filled with slot_prob")
     slot_prob: float = _f(0.5, ge=0, le=1)
     fixed: list[str] = _f(factory=list, doc="selection=fixed: extra BN teachers used every step")
-    bn_average: Literal["bn_only", "reference"] = "bn_only"
+    bn_average: Literal["bn_only", "reference"] = _f(
+        "reference", doc="divisor of the summed BN losses: reference = every drawn teacher, BN-free ones (alexnet) "
+                       "included, as the authors' count_aux; bn_only = only teachers with BN layers")
     bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its detached value when first used")
     r_bn: float = _f(0.01, ge=0)
     first_bn_multiplier: float = _f(10.0, ge=0)
@@ -130,13 +152,17 @@ class RecoverConfig:
     class_group: int = _f(100, ge=1, doc="classes per cross-class batch (shard)")
     image_format: Literal["jpeg", "png"] = "jpeg"
     jpeg_quality: int = _f(75, ge=1, le=100)
-    amp: bool = _f(True, doc="bf16 autocast on CUDA (always fp32 on CPU)")
-    channels_last: bool = True
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="teacher passes: fp32 (the reference) or bf16 autocast with bf16 copies of conv/linear weights "
+                    "(BN statistics and losses in fp32); bf16 applies on any device (slow on CPUs without bf16 "
+                    "instructions). docs/recover.md has what bf16 was measured to change")
+    channels_last: bool = _f(True, doc="NHWC teachers and images on CUDA (no effect on the numbers)")
 
 
 # Keys a baseline recover inherits from the main recover whatever its preset says: the set must be
 # comparable (same IPC, same primary, same encoding), only the method differs.
-RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "amp", "channels_last")
+RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "precision",
+                       "channels_last")
 
 
 @dataclass
@@ -172,8 +198,21 @@ class EvaluateConfig:
     weight_decay: float = _f(0.01, ge=0)
     no_decay_norm_bias: bool = True
     loss: Literal["mse_ce", "kl"] = "mse_ce"
-    schedule: Literal["cosine", "prism_reference"] = _f(
-        "cosine", doc="cosine per step, or the PRISM validate code's piecewise per-epoch schedule")
+    schedule: Literal["cosine", "cosine_epoch", "prism_reference"] = _f(
+        "prism_reference", doc="learning-rate schedule: prism_reference, the PRISM validate code's per-epoch "
+                               "stretched cosine then linear decay; cosine_epoch, a cosine stepped once per epoch "
+                               "(SRe2L's validate code); cosine, a cosine per optimizer step")
+    accumulation_steps: int = _f(
+        2, ge=1, doc="micro-batches per optimizer step: each batch runs as this many forward/backward passes of "
+                     "batch_size / accumulation_steps images (BN statistics over a micro-batch), each loss divided "
+                     "by accumulation_steps; the PRISM and SRe2L references use 2")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="student forward pass: fp32 (the references: autocast off) or bf16 autocast with the loss in "
+                    "fp32 (any device; on a CPU without bf16 instructions it is slower, there for measurement)")
+    eval_every: int = _f(
+        10, ge=0, doc="score on the validation set after epoch e (0-based) when e % eval_every == 0 and after the "
+                     "last epoch, as the references do with 10; keeps best and final top-1/top-5. 0 = only after "
+                     "the last epoch")
     ce_weight: float = _f(0.1, ge=0)
     temperature: float = _f(4.0, gt=0)
     checkpoint_every: int = _f(50, ge=1, doc="epochs between checkpoints written to the run")
@@ -302,6 +341,9 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{name}", f"needs {d.channels} values (data.channels), got {len(v)}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "values must be > 0")
+    if d.resize is not None and d.resize < d.resolution:
+        raise ConfigError("data.resize", f"got {d.resize}; the shorter side must be at least data.resolution "
+                                         f"({d.resolution}) for the centre crop")
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
@@ -344,6 +386,10 @@ def validate(cfg: Config) -> None:
     if cfg.evaluate.batch_size % cfg.relabel.mix_group:
         raise ConfigError("evaluate.batch_size", f"must be a multiple of relabel.mix_group ({cfg.relabel.mix_group}),"
                                                  f" got {cfg.evaluate.batch_size}")
+    if cfg.evaluate.batch_size % cfg.evaluate.accumulation_steps:
+        raise ConfigError("evaluate.accumulation_steps",
+                          f"must divide evaluate.batch_size ({cfg.evaluate.batch_size}) into equal micro-batches, got "
+                          f"{cfg.evaluate.accumulation_steps}")
     if cfg.relabel.epochs is not None and cfg.relabel.epochs < cfg.evaluate.epochs:
         raise ConfigError("relabel.epochs", f"must cover evaluate.epochs ({cfg.evaluate.epochs}), got "
                                             f"{cfg.relabel.epochs}")

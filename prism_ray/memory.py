@@ -125,7 +125,6 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     """Each worker kind that `stages` (default: run.stages) start, with its peak memory."""
     d = cfg.data
     shape = (num_classes, d.channels, d.resolution)
-    amp = 0.5 if cfg.ray.gpus_per_worker > 0 and cfg.recover.amp else 1.0  # bf16 activations on a GPU
     out = []
     stages = set(cfg.run.stages if stages is None else stages)
     if "squeeze" in stages and any(t.weights == "squeeze" for t in cfg.teachers.models):
@@ -145,8 +144,9 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
             if rc.selection == "fixed":
                 drawn = list(dict.fromkeys([rc.primary, *rc.fixed]))
             acts = sum(network_bytes(cfg.teacher(n).arch, *shape, rc.class_group)[1] for n in drawn)
-            # the batch being optimized: pixels, their gradient and Adam's two moments (fp32, whatever amp
-            # does), and the step's augmented view with its crop, flip and roll copies
+            amp = 0.5 if rc.precision == "bf16" else 1.0  # bf16 activations
+            # the batch being optimized: pixels, their gradient and Adam's two moments (fp32, whatever the
+            # precision), and the step's augmented view with its crop, flip and roll copies
             batch = rc.class_group * d.channels * d.resolution ** 2 * 4
             need = max(need, params + int(RECOVER_ACTIVATIONS * acts * amp) + (4 + 4) * batch)
         out.append(_place("recover", cfg, 0, need, f"teacher pool and a {cfg.recover.class_group}-image batch's "
@@ -162,9 +162,12 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     if "evaluate" in stages:
         e = cfg.evaluate
         live = _inference_bytes(label_teachers, shape, e.batch_size) if cfg.relabel.mode == "live" else 0
-        # training and scoring take turns: the larger of the two is the peak
-        student = max(max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2),
-                          int(_inference_bytes([a], shape, e.val_batch_size) * amp)) for a in e.students)
+        # training and scoring take turns: the larger of the two is the peak. A micro-batch's activations are
+        # held at a time (evaluate.accumulation_steps); bf16 autocast halves them; scoring runs fp32
+        student_amp = 0.5 if e.precision == "bf16" else 1.0
+        micro = -(-e.batch_size // e.accumulation_steps)
+        student = max(max(_train_bytes(a, shape, micro, student_amp, optimizer_states=2),
+                          _inference_bytes([a], shape, e.val_batch_size)) for a in e.students)
         loader = max(1, int(cfg.ray.cpus_per_worker)) * LOADER_PREFETCH * e.val_batch_size * d.channels * \
             d.resolution ** 2 * 4
         # a stored shard's file, one epoch decoded from it, and that epoch's labels as float32 for the loss
@@ -175,8 +178,7 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
         net = cfg.teacher(cfg.evaluate.diversity_network or cfg.recover.primary).arch
         batch = e.val_batch_size * d.channels * d.resolution ** 2 * 4  # the float batch fed to the network
         # the real images it compares with are streamed like validation batches: the same loader prefetch
-        out.append(_place("diversity", cfg, loader, sets + batch + int(_inference_bytes([net], shape,
-                                                                                         e.val_batch_size) * amp),
+        out.append(_place("diversity", cfg, loader, sets + batch + _inference_bytes([net], shape, e.val_batch_size),
                           f"one uint8 set, the feature network on batches of {e.val_batch_size}, streamed "
                           f"real-image batches"))
     return out

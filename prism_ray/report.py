@@ -85,8 +85,15 @@ def collect(storage: Storage) -> dict:
     for (set_name, student), rows in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         t1, s1 = mean_std([r["top1"] for r in rows])
         t5, s5 = mean_std([r["top5"] for r in rows])
-        accuracy.append({"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
-                         "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)})
+        entry = {"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
+                 "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)}
+        if all(r.get("best_top1") is not None for r in rows):  # runs made before best scores were kept lack them
+            b1, bs1 = mean_std([r["best_top1"] for r in rows])
+            b5, bs5 = mean_std([r["best_top5"] for r in rows])
+            entry.update(best_top1_mean=b1, best_top1_std=bs1, best_top5_mean=b5, best_top5_std=bs5,
+                         best_epochs=sorted(r["best_epoch"] for r in rows),
+                         scored_epochs=max(r["scored_epochs"] for r in rows))
+        accuracy.append(entry)
     made_from = lineage(storage)
     diversity_rows = sorted(_combined(storage, DIVERSITY_PREFIX), key=lambda d: order.get(d["set"], len(order)))
     per_class = {}
@@ -160,12 +167,36 @@ def compute_by_stage(storage: Storage) -> list[dict]:
     return out
 
 
+def _pm(a: dict, key: str) -> str:
+    return f"{100 * a[key + '_mean']:.2f} ± {100 * a[key + '_std']:.2f}"
+
+
 def accuracy_table(figures: dict) -> str:
-    lines = ["| set | student | top-1 (%) | top-5 (%) | seeds |", "|---|---|---|---|---|"]
+    """Final top-1/top-5 (after the last epoch) and, where students were scored during training
+    (evaluate.eval_every), the best top-1 of the scored epochs with that epoch's top-5."""
+    best = any("best_top1_mean" in a and a["scored_epochs"] > 1 for a in figures["accuracy"])
+    head = "| set | student | final top-1 (%) | final top-5 (%) |" + (" best top-1 (%) | its top-5 (%) | at epoch |"
+                                                                       if best else "") + " seeds |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for a in figures["accuracy"]:
-        lines.append(f"| {a['set']} | {a['student']} | {100 * a['top1_mean']:.2f} ± {100 * a['top1_std']:.2f} | "
-                     f"{100 * a['top5_mean']:.2f} ± {100 * a['top5_std']:.2f} | {len(a['seeds'])} |")
+        cells = [a["set"], a["student"], _pm(a, "top1"), _pm(a, "top5")]
+        if best:
+            cells += [_pm(a, "best_top1"), _pm(a, "best_top5"), ", ".join(map(str, a["best_epochs"]))] \
+                if "best_top1_mean" in a else ["", "", ""]
+        lines.append("| " + " | ".join(cells) + f" | {len(a['seeds'])} |")
     return "\n".join(lines)
+
+
+def accuracy_note(figures: dict) -> str:
+    """Which accuracy the tables show: final, and best of which epochs."""
+    every = figures["config"]["evaluate"].get("eval_every", 0)
+    epochs = figures["config"]["evaluate"]["epochs"]
+    if not every:
+        return f"Final: scored once, after the last of {epochs} epochs. The paired comparison uses final top-1."
+    return (f"Final: after the last of {epochs} epochs. Best: the highest top-1 over the epochs scored (after "
+            f"epoch e, 0-based, when e % {every} == 0, and after the last: the references' rule, whose best "
+            f"checkpoint is their `model_best`), with that epoch's top-5 and number of epochs trained per seed. "
+            f"A best of several noisy scores is biased upwards; the paired comparison uses final top-1.")
 
 
 def diversity_table(figures: dict) -> str:
@@ -247,10 +278,13 @@ def markdown(figures: dict) -> str:
     parts = [f"# prism-ray report: {figures['name']}", "",
              f"Data: {d['dataset']} ({d['channels']}x{d['resolution']}x{d['resolution']}), IPC {cfg['recover']['ipc']}, "
              f"labels {cfg['relabel']['mode']} from {', '.join(cfg['relabel']['teachers']) or cfg['recover']['primary']}, "
-             f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}).", "",
-             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), ""]
+             f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}, "
+             f"{e.get('schedule', 'cosine')} schedule, batch {e['batch_size']} in {e.get('accumulation_steps', 1)} "
+             f"micro-batch(es), {e.get('precision', 'fp32')}).", "",
+             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_note(figures), "",
+             accuracy_table(figures), ""]
     if len({a["student"] for a in figures["accuracy"]}) > 1:
-        parts += ["Top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
+        parts += ["Final top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
     parts += ["## Paired comparison", "", paired_table(figures), "",
              "## Diversity", "", diversity_table(figures), "", "![per-class diversity](diversity.png)", "",
              "## Real-init retention", "", retention_table(figures), "",
@@ -365,7 +399,7 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
         print(json.dumps({k: figures[k] for k in ("accuracy", "paired", "diversity", "retention", "teachers",
                                                   "compute", "lineage")}, indent=2), file=stream)
         return 0
-    for table in (accuracy_table, paired_table, diversity_table, retention_table, lineage_table):
+    for table in (accuracy_note, accuracy_table, paired_table, diversity_table, retention_table, lineage_table):
         print(table(figures), file=stream)
         print("", file=stream)
     return 0

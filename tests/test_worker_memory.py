@@ -7,7 +7,8 @@ from prism_ray.config_loader import load_config
 from prism_ray.memory import (ALLOCATOR_SLACK, CUDA_CONTEXT, LOADER_PREFETCH, PROCESS_BASE, GiB, label_bytes,
                               set_bytes, worker_memory)
 
-IMAGENET = "jobs/configs/imagenet-ipc50.yaml"
+IMAGENET = "jobs/configs/imagenet/resnet18.yaml"
+AT_IPC50 = ["recover.ipc=50"]
 
 
 def kinds(cfg) -> dict:
@@ -15,7 +16,7 @@ def kinds(cfg) -> dict:
 
 
 def test_label_shards_count_in_relabel_and_student_host_memory():
-    cfg = load_config(IMAGENET)
+    cfg = load_config(IMAGENET, AT_IPC50)
     epoch, shard = label_bytes(cfg, 1000)
     assert epoch == 50_000 * (2 * 1000 + 26)  # fp16 logits and the plan's columns per image
     assert shard == 2 * epoch  # the config's 2 epochs per file
@@ -28,7 +29,7 @@ def test_label_shards_count_in_relabel_and_student_host_memory():
 
 
 def test_scoring_batches_count_where_they_run():
-    cfg = load_config(IMAGENET)
+    cfg = load_config(IMAGENET, AT_IPC50)
     small = dataclasses.replace(cfg, evaluate=dataclasses.replace(cfg.evaluate, val_batch_size=100))
     big, little = kinds(cfg), kinds(small)
     # diversity runs the feature network on val_batch_size images: its activations are GPU memory on a GPU
@@ -39,5 +40,5 @@ def test_scoring_batches_count_where_they_run():
     # on a CPU worker the same activations, and the set, are host memory
     cpu = dataclasses.replace(cfg, ray=dataclasses.replace(cfg.ray, gpus_per_worker=0))
     assert kinds(cpu)["diversity"].gpu == 0
-    on_gpu = big["diversity"].gpu - CUDA_CONTEXT  # the set, a batch, the network's (bf16) activations
+    on_gpu = big["diversity"].gpu - CUDA_CONTEXT  # the set, a batch, the network's activations
     assert kinds(cpu)["diversity"].host >= PROCESS_BASE + ALLOCATOR_SLACK * on_gpu > PROCESS_BASE + set_bytes(cfg, 1000)

@@ -2,8 +2,10 @@
 and the per-class diversity of every set (and of real data).
 
 Student units (set x student x seed) write a checkpoint to the run every `evaluate.checkpoint_every`
-epochs; a unit restarted on another worker resumes from it. Its commit writes the final weights and one
-results row (top-1, top-5, where it resumed from).
+epochs; a unit restarted on another worker resumes from it. A student is scored on the validation set after
+the last epoch and, with `evaluate.eval_every`, every few epochs (the scores travel in the checkpoint). Its
+commit writes the final weights and one results row: final top-1/top-5 (after the last epoch), the best
+top-1 of the scored epochs with its top-5 and epoch (the references' `model_best`), where it resumed from.
 """
 from __future__ import annotations
 
@@ -287,17 +289,26 @@ class StudentWorker(Worker):
             if (epoch + 1) % every == 0 and epoch + 1 < cfg.evaluate.epochs:
                 checkpoints.save(current, epoch + 1)
 
+        def score(m) -> dict:
+            return evaluate_classifier(m, self.val, batch_size=cfg.evaluate.val_batch_size, device=self.device,
+                                       num_workers=self.workers)
+
         out = train_student(model, image_set.images, labels, cfg.evaluate, out_size=cfg.data.resolution,
                             device=self.device, state=state, on_epoch_end=on_epoch_end, targets=image_set.labels,
-                            seed=seed, schedule=cfg.evaluate.schedule)
-        acc = evaluate_classifier(model, self.val, batch_size=cfg.evaluate.val_batch_size, device=self.device,
-                                  num_workers=self.workers)
+                            seed=seed, score=score)
+        scores = out["scores"]
+        if not scores or scores[-1]["epoch"] != cfg.evaluate.epochs:  # nothing left to train: score the weights
+            scores.append({"epoch": cfg.evaluate.epochs, **score(model)})
+        acc = scores[-1]
+        best = max(scores, key=lambda s: s["top1"])  # the first of equals, as the reference's `top1 > best`
         buf = io.BytesIO()
         torch.save({"arch": p["student"], "num_classes": shape.num_classes, "in_channels": shape.in_channels,
                     "resolution": shape.resolution,
                     "state_dict": model.cpu().to(memory_format=torch.contiguous_format).state_dict()}, buf)
         row = {"set": p["set"], "student": p["student"], "seed": p["seed"], "top1": acc["top1"], "top5": acc["top5"],
-               "epochs": cfg.evaluate.epochs, "resumed_from_epoch": resumed_from, "final_loss": out["final_loss"],
+               "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
+               "scored_epochs": len(scores), "epochs": cfg.evaluate.epochs, "resumed_from_epoch": resumed_from,
+               "final_loss": out["final_loss"],
                "train_seconds": out["seconds"], "images": len(image_set), "label_mode": cfg.relabel.mode,
                "val_images": len(self.val), "holding": image_set.holding, "peak_rss_bytes": peak_rss_bytes()}
         return buf.getvalue(), row

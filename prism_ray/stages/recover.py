@@ -122,7 +122,11 @@ class RecoverWorker(Worker):
     def compute(self, unit: Unit):
         st = self.stage
         k, classes = unit.payload["ipc_index"], unit.payload["class_ids"]
-        spec = ShardSpec(unit.id, k, tuple(classes), derive_seed(st.cfg.run.seed, "recover", st.set_name, unit.id))
+        # recover.draw_per ipc: every class group of IPC index k draws the same teachers (the reference's draw)
+        teacher_seed = derive_seed(st.cfg.run.seed, "recover", st.set_name, "teachers-ipc", k) \
+            if st.rc.draw_per == "ipc" else None
+        spec = ShardSpec(unit.id, k, tuple(classes), derive_seed(st.cfg.run.seed, "recover", st.set_name, unit.id),
+                         teacher_seed)
         init = self.data.images_at(classes, k) if st.rc.init == "real" else None
         result = synthesize_shard(self.pool, spec, st.rc, self.data.normalization, init, self.device,
                                   shape=self.shape)

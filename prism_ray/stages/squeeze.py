@@ -13,6 +13,7 @@ import time
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import build_model, checkpoint_bytes
 from prism_ray.algo.train import evaluate_classifier, recalibrate_bn, train_classifier
+from prism_ray.config import resolved_resize
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import Stage, Unit, Worker
 from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, checkpoint_path, model_shape
@@ -21,12 +22,18 @@ IN_MEMORY_LIMIT = 200_000  # images: below this, hold the training set as one te
 
 
 def data_fingerprint(cfg) -> dict:
-    """The data fields that shape training images (not the validation cap)."""
+    """The data fields that shape real images (not the validation cap). The resize (data.resize) is recorded as
+    resolved, since its default depends on the data set, and only when it is not data.resolution: a change of
+    it changes every real image, and runs made before it existed keep their fingerprint."""
     d = dataclasses.asdict(cfg.data)
     d.pop("max_val", None)
     d.pop("val", None)
     d.pop("index", None)  # where the listing is kept and whether it was verified do not change any image
     d.pop("verify", None)
+    d.pop("resize", None)
+    resize = resolved_resize(cfg.data)
+    if resize != cfg.data.resolution:
+        d["resize"] = resize
     return d
 
 

@@ -323,7 +323,7 @@ def test_gpu_pods_fit_the_node_they_are_sized_for_and_hold_a_worker(name):
     assert "g5.2xlarge" in (CLUSTER / name).read_text()
     assert _quantity_gib(requests["memory"]) <= ALLOCATABLE_GIB and float(requests["cpu"]) <= ALLOCATABLE_CPU
     # ...and one worker of the entrypoint's config fits in what Ray gives tasks there (70%: 30% object store)
-    cfg = load_config(str(REPO / "jobs/configs/imagenet-ipc50.yaml"))
+    cfg = load_config(str(REPO / "jobs/configs/imagenet/resnet18.yaml"), ["recover.ipc=50"])
     assert float(limits["cpu"]) >= cfg.ray.cpus_per_worker and float(limits["nvidia.com/gpu"]) >= cfg.ray.gpus_per_worker
     need = max(w.host for w in worker_memory(cfg, 1000))
     assert 0.7 * _quantity_gib(limits["memory"]) * 2**30 >= need

@@ -198,3 +198,6 @@ def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
     assert row["epochs"] == 400
     assert not storage.exists(checkpoints.pointer)  # the commit cleared it
     assert not storage.fs.find(storage.path(stage.store.key("checkpoints")))
+    # scored after epochs 1, 11, ..., 391 and 400, once each: the scores before the kill came back with the
+    # checkpoint, those between the checkpoint and the kill were made again
+    assert row["scored_epochs"] == 41 and row["best_top1"] >= row["top1"]

@@ -99,7 +99,12 @@ def test_report_equals_results_parquet(finished_run, capsys):
     assert storage.read_bytes("report/samples.png")[:8] == b"\x89PNG\r\n\x1a\n"
     rows = storage.read_table("report/results.parquet").to_pylist()
     assert len(rows) == 4 and {r["set"] for r in rows} == {"prism", "random_real"}
+    # the prism recipe scores every 10 epochs and after the last: epochs 1 and 6 of 6; best and final kept
+    for r in rows:
+        assert r["scored_epochs"] == 2 and r["best_epoch"] in (1, 6)
+        assert r["best_top1"] >= r["top1"] and (r["best_epoch"] != 6 or r["best_top1"] == r["top1"])
     md = storage.read_bytes("report/report.md").decode()
+    assert "| final top-1 (%) | final top-5 (%) | best top-1 (%) |" in md and "e % 10 == 0" in md
     for set_name in ("prism", "random_real"):
         top1 = [r["top1"] for r in rows if r["set"] == set_name]
         mean, std = 100 * statistics.fmean(top1), 100 * statistics.stdev(top1)
