@@ -53,6 +53,20 @@ def _launcher_config(port: int, worker_types: dict) -> dict:
     }
 
 
+def _driver_auth() -> dict:
+    """The head's token settings, matching what this process will present. A local `ray.init()` earlier in the
+    same process (another test module) sets RAY_AUTH_MODE=token in os.environ and keeps its token in
+    ~/.ray/auth_token; the head, whose HOME is a fresh folder, would then start with auth on and no token."""
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN")
+    if not token:
+        path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser("~/.ray/auth_token")
+        with open(path) as f:
+            token = f.read().strip()
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
+
+
 @pytest.fixture
 def autoscaling_cluster(tmp_path_factory):
     """start(worker_types): the head (0 CPUs, autoscaler v2, fake multi-node provider) on 127.0.0.1, this process
@@ -76,6 +90,7 @@ def autoscaling_cluster(tmp_path_factory):
                # the monitor starts the fake nodes in its own process: this keeps them on 127.0.0.1 too
                "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
         env.pop("RAY_ADDRESS", None)
+        env.update(_driver_auth())
         ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")  # this environment's ray
         head = subprocess.Popen(
             [ray_cli, "start", "--head", "--block", f"--autoscaling-config={config}", "--node-ip-address=127.0.0.1",
