@@ -14,8 +14,9 @@ from typing import Any, Literal, Optional, Union
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 RANDOM_REAL = "random_real"
-# Set names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_', '.', '-',
-# starting with a letter or digit, never '--', so that no name reaches outside the run or splits ambiguously.
+# Set and teacher names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_',
+# '.', '-', starting with a letter or digit, never '--' or '..', so that no name reaches outside the run or
+# splits ambiguously.
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -46,6 +47,8 @@ class RunConfig:
     output: str = _f("runs/prism-run", doc="run URI: local path, file://, s3://bucket/prefix")
     seed: int = _f(0, ge=0, doc="root of every random draw of the run")
     stages: list[str] = _f(factory=lambda: list(STAGES), nonempty=True, doc="stages `prism-ray run` executes")
+    lease_seconds: float = _f(60.0, gt=0, doc="one driver per run: the driver renews its lease 6 times per this "
+                                              "period; another driver takes over a lease not renewed for this long")
 
 
 @dataclass
@@ -60,6 +63,11 @@ class DataConfig:
     val: Optional[str] = _f(None, doc="image_folder / parquet: URI of the validation split")
     channels: Literal[1, 3] = _f(1, doc="image channels the networks take (images are converted to it)")
     resolution: int = _f(28, ge=8, le=1024, doc="side in pixels of every image the networks see")
+    resize: Optional[int] = _f(
+        None, ge=8, doc="shorter side resized to this (antialiased bilinear), then a centre crop to data.resolution, "
+                        "for real images (validation, real init, random real); empty = per data set: 256 for "
+                        "image_folder / parquet at resolution 224 (the ImageNet protocol Resize(256) + "
+                        "CenterCrop(224) of the PRISM and SRe2L code), data.resolution otherwise (no margin)")
     mean: Optional[list[float]] = _f(None, doc="per-channel normalization mean; empty = the data set's own")
     std: Optional[list[float]] = _f(None, doc="per-channel normalization std; empty = the data set's own")
     classes: Optional[int] = _f(None, ge=1, doc="use only the first N classes (small runs and tests)")
@@ -72,6 +80,18 @@ class DataConfig:
     verify: Literal["auto", True, False] = _f(
         "auto", doc="decode every image when the data is listed: true, false, or auto (splits of at most 20,000 "
                     "images)")
+
+
+IMAGENET_PROTOCOL = (224, 256)  # (resolution, resize) of the standard ImageNet evaluation crop
+
+
+def resolved_resize(d: DataConfig) -> int:
+    """The shorter side real images are resized to before the centre crop (see DataConfig.resize)."""
+    if d.resize is not None:
+        return d.resize
+    if d.dataset in ("image_folder", "parquet") and d.resolution == IMAGENET_PROTOCOL[0]:
+        return IMAGENET_PROTOCOL[1]
+    return d.resolution
 
 
 @dataclass
@@ -122,13 +142,16 @@ class RecoverConfig:
     bn_pool: Optional[list[str]] = _f(None, doc="teachers the extra BN teachers are drawn from; empty = every "
                                                 "teacher but the primary")
     selection: Literal["pre", "intra", "fixed"] = _f(
-        "pre", doc="extra BN teachers drawn once per shard (pre), anew every iteration (intra), or the `fixed` list")
+        "pre", doc="extra BN teachers drawn once (pre; per draw_per), anew every iteration (intra), or the `fixed` list")
+    draw_per: Literal["shard", "ipc"] = _f(
+        "ipc", doc="what one teacher draw covers: each shard its own, or every shard of one IPC index the same "
+                     "(the reference draws once per IPC index for all its class batches)")
     slots: int = _f(3, ge=0, doc="draws of extra BN teachers, each filled with slot_prob")
     slot_prob: float = _f(0.5, ge=0, le=1, doc="probability that a slot is filled")
     fixed: list[str] = _f(factory=list, doc="selection=fixed: extra BN teachers used every step")
     bn_average: Literal["bn_only", "reference"] = _f(
-        "bn_only", doc="divide the BN term by the drawn teachers that have BN layers (bn_only) or by every drawn "
-                       "teacher (reference, as the authors' code)")
+        "reference", doc="divisor of the summed BN losses: reference = every drawn teacher, BN-free ones (alexnet) "
+                       "included, as the authors' count_aux; bn_only = only teachers with BN layers")
     bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its detached value when first used")
     r_bn: float = _f(0.01, ge=0, doc="weight of the BN statistic loss beside the primary's cross-entropy")
     first_bn_multiplier: float = _f(10.0, ge=0, doc="extra weight of each teacher's first BN layer")
@@ -148,13 +171,17 @@ class RecoverConfig:
     class_group: int = _f(100, ge=1, doc="classes per cross-class batch (shard)")
     image_format: Literal["jpeg", "png"] = _f("jpeg", doc="encoding of the stored images")
     jpeg_quality: int = _f(75, ge=1, le=100, doc="jpeg: Pillow quality")
-    amp: bool = _f(True, doc="bf16 autocast on CUDA (always fp32 on CPU)")
-    channels_last: bool = _f(True, doc="NHWC layout of teachers and images on CUDA (ignored on CPU)")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="teacher passes: fp32 (the reference) or bf16 autocast with bf16 copies of conv/linear weights "
+                    "(BN statistics and losses in fp32); bf16 applies on any device (slow on CPUs without bf16 "
+                    "instructions). docs/recover.md has what bf16 was measured to change")
+    channels_last: bool = _f(True, doc="NHWC teachers and images on CUDA (no effect on the numbers)")
 
 
 # Keys a baseline recover inherits from the main recover whatever its preset says: the set must be
 # comparable (same IPC, same primary, same encoding), only the method differs.
-RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "amp", "channels_last")
+RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "precision",
+                       "channels_last")
 
 
 @dataclass
@@ -200,8 +227,21 @@ class EvaluateConfig:
     no_decay_norm_bias: bool = _f(True, doc="no weight decay on norm layers and biases")
     loss: Literal["mse_ce", "kl"] = _f("mse_ce", doc="MSE to the teacher logits + ce_weight x cross-entropy (PRISM), "
                                                     "or KL at temperature T (SRe2L)")
-    schedule: Literal["cosine", "prism_reference"] = _f(
-        "cosine", doc="cosine per step, or the PRISM validate code's piecewise per-epoch schedule")
+    schedule: Literal["cosine", "cosine_epoch", "prism_reference"] = _f(
+        "prism_reference", doc="learning-rate schedule: prism_reference, the PRISM validate code's per-epoch "
+                               "stretched cosine then linear decay; cosine_epoch, a cosine stepped once per epoch "
+                               "(SRe2L's validate code); cosine, a cosine per optimizer step")
+    accumulation_steps: int = _f(
+        2, ge=1, doc="micro-batches per optimizer step: each batch runs as this many forward/backward passes of "
+                     "batch_size / accumulation_steps images (BN statistics over a micro-batch), each loss divided "
+                     "by accumulation_steps; the PRISM and SRe2L references use 2")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="student forward pass: fp32 (the references: autocast off) or bf16 autocast with the loss in "
+                    "fp32 (any device; on a CPU without bf16 instructions it is slower, there for measurement)")
+    eval_every: int = _f(
+        10, ge=0, doc="score on the validation set after epoch e (0-based) when e % eval_every == 0 and after the "
+                     "last epoch, as the references do with 10; keeps best and final top-1/top-5. 0 = only after "
+                     "the last epoch")
     ce_weight: float = _f(0.1, ge=0, doc="mse_ce: weight of the hard-label cross-entropy")
     temperature: float = _f(4.0, gt=0, doc="kl: softmax temperature")
     checkpoint_every: int = _f(50, ge=1, doc="epochs between checkpoints written to the run")
@@ -243,6 +283,9 @@ class StorageConfig:
     endpoint_url: Optional[str] = _f(None, doc="S3 endpoint; empty = AWS_ENDPOINT_URL or AWS")
     region: Optional[str] = _f(None, doc="S3 region; empty = the environment's")
     options: dict[str, Any] = _f(factory=dict, doc="extra fsspec options (never recorded in outputs)")
+    allow_unconditional_create: bool = _f(
+        False, doc="run on a store that does not honour create-if-absent (S3 If-None-Match), which the commits and "
+                   "the run's lease rely on; first writer wins is then not guaranteed")
 
 
 @dataclass
@@ -293,7 +336,9 @@ class Config:
         out["baselines"]["recover"] = {name: {k: v for k, v in rc.items() if k != "name"}
                                        for name, rc in resolved.items()}
         if redact:
+            from prism_ray.redaction import redact as redact_uris  # credentials inside any URI
             out["storage"]["options"] = {k: "***" for k in out["storage"]["options"]}
+            out = redact_uris(out)
         return out
 
     _baseline_recovers: dict = field(default_factory=dict, repr=False)
@@ -311,6 +356,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.stages[{i}]", f"got {stage!r}; allowed: {', '.join(STAGES)}")
     if not cfg.run.output.strip():
         raise ConfigError("run.output", "must be a path or URI")
+    from prism_ray.redaction import redact_uri
+    for path, uri in (("run.output", cfg.run.output), ("data.root", cfg.data.root), ("data.train", cfg.data.train),
+                      ("data.val", cfg.data.val), ("data.index", cfg.data.index)):
+        if uri and "://" in uri and uri.split("://", 1)[0].lower() in ("s3", "s3a", "gs", "gcs", "az", "abfs") \
+                and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(path, f"{redact_uri(uri)} holds credentials (user:password@); prism-ray takes storage "
+                                    f"credentials from the environment (AWS_ACCESS_KEY_ID, ...) or storage.options, "
+                                    f"never from a URI, where they would be logged")
 
     d = cfg.data
     if d.dataset in ("image_folder", "parquet") and not d.train:
@@ -321,9 +374,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{name}", f"needs {d.channels} values (data.channels), got {len(v)}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "values must be > 0")
+    if d.resize is not None and d.resize < d.resolution:
+        raise ConfigError("data.resize", f"got {d.resize}; the shorter side must be at least data.resolution "
+                                         f"({d.resolution}) for the centre crop")
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
+        _plain_name(spec.name, f"teachers.models[{i}].name", "a teacher name")
         if names.index(spec.name) != i:
             raise ConfigError(f"teachers.models[{i}].name", f"{spec.name!r} is used twice; names must be unique")
         if spec.arch not in ARCHITECTURES:
@@ -362,6 +419,10 @@ def validate(cfg: Config) -> None:
     if cfg.evaluate.batch_size % cfg.relabel.mix_group:
         raise ConfigError("evaluate.batch_size", f"must be a multiple of relabel.mix_group ({cfg.relabel.mix_group}),"
                                                  f" got {cfg.evaluate.batch_size}")
+    if cfg.evaluate.batch_size % cfg.evaluate.accumulation_steps:
+        raise ConfigError("evaluate.accumulation_steps",
+                          f"must divide evaluate.batch_size ({cfg.evaluate.batch_size}) into equal micro-batches, got "
+                          f"{cfg.evaluate.accumulation_steps}")
     if cfg.relabel.epochs is not None and cfg.relabel.epochs < cfg.evaluate.epochs:
         raise ConfigError("relabel.epochs", f"must cover evaluate.epochs ({cfg.evaluate.epochs}), got "
                                             f"{cfg.relabel.epochs}")
@@ -400,9 +461,14 @@ def check_data_facts(cfg: Config, num_classes: int, class_counts: Optional[list[
 
 
 def _set_name(name: str, path: str) -> None:
-    if not SET_NAME.fullmatch(name) or "--" in name:
-        raise ConfigError(path, f"got {name!r}; a set name is 1-64 letters, digits, '_', '.' or '-', starting with "
-                                f"a letter or digit, without '--' (it becomes a storage path)")
+    _plain_name(name, path, "a set name")
+
+
+def _plain_name(name: Any, path: str, what: str) -> None:
+    """Names that become storage keys and unit ids: no '/', no '..', nothing that splits a unit id."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name) or "--" in name or ".." in name:
+        raise ConfigError(path, f"got {name!r}; {what} is 1-64 letters, digits, '_', '.' or '-', starting with a "
+                                f"letter or digit, without '--' or '..' (it becomes a storage path)")
 
 
 def _torchvision_weights(spec: TeacherSpec, data: DataConfig, path: str) -> None:

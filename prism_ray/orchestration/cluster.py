@@ -54,6 +54,7 @@ def ray_session(cfg: RayConfig, log_path: Optional[str] = None) -> Iterator[None
                              f"(~/.ray/auth_token or RAY_AUTH_TOKEN) ({text})") from None
         raise
     divert_internal_logs(log_path)
+    _forget_dead_requests()
     stopped = False
     try:
         with stopping.installed():  # after ray.init: it replaces Ray's handler, which dumps a stack on SIGTERM
@@ -64,6 +65,15 @@ def ray_session(cfg: RayConfig, log_path: Optional[str] = None) -> Iterator[None
     finally:
         if not stopped:  # when stopped, Ray's exit hook shuts down after the CLI's line: SIGKILL may be 3 s away
             ray.shutdown()
+
+
+def _forget_dead_requests() -> None:
+    """A run's start withdraws the autoscaler requests of drivers that died without withdrawing theirs."""
+    from prism_ray.orchestration import autoscaler
+    try:
+        autoscaler.reconcile()
+    except Exception as e:  # noqa: BLE001 - a hint to the autoscaler; the run goes on without it
+        logging.getLogger(__name__).warning("could not update the autoscaler's requests: %s", e)
 
 
 def _keep_loopback_addresses() -> None:

@@ -16,7 +16,7 @@ import yaml
 from prism_ray.config import Config, ConfigError, StorageConfig
 from prism_ray.config_loader import apply_override, config_from_dict
 from prism_ray.storage import Storage
-from prism_ray.teacher_pool import checkpoint_key
+from prism_ray.teacher_pool import RUN_WEIGHTS
 
 SWEEP_KEYS = ("name", "base", "output", "set", "vary", "grid", "points")
 POINT_KEYS = ("name", "set", "grow_from")
@@ -135,7 +135,8 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
     points = _expand(spec)
     sweep = Sweep(name, output, base_path, common, [], base_raw=raw_common)
     out_storage = Storage(output, base_cfg.storage)
-    teachers_uri = {t.name: out_storage.uri(f"{TEACHERS_RUN}/{checkpoint_key(t.name)}")
+    # squeezed teachers come from the sweep's teachers run, through its squeeze manifest (checked by sha256)
+    teachers_uri = {t.name: f"{RUN_WEIGHTS}{out_storage.full_uri(TEACHERS_RUN)}"
                     for t in base_cfg.teachers.models if t.weights == "squeeze"}
     seen: dict[str, str] = {}
     for p in points:
@@ -146,7 +147,7 @@ def load_sweep(sweep_path: str, config_path: str | None = None, overrides: list[
                 raise ConfigError(where, f"sets {key}, but points share the squeeze teachers and the sweep's "
                                          f"layout; set it in the base config or the sweep's `set`")
         _apply(raw, p.overrides, where)
-        raw.setdefault("run", {}).update(output=out_storage.uri(f"points/{p.name}"), name=f"{name}-{p.name}")
+        raw.setdefault("run", {}).update(output=out_storage.full_uri(f"points/{p.name}"), name=f"{name}-{p.name}")
         # the resolved teachers (defaults included), squeezed ones replaced by the shared checkpoints
         raw["teachers"] = {**(raw.get("teachers") or {}), "models": [
             {**dataclasses.asdict(t), "weights": teachers_uri.get(t.name, t.weights)}

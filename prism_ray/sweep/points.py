@@ -12,7 +12,7 @@ from prism_ray.config import ConfigError
 from prism_ray.config_loader import config_from_dict
 from prism_ray.formatting import hms
 from prism_ray.stages.base import StageError, classify_change
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import ShardStore, Storage, new_generation
 from prism_ray.sweep.grid import TEACHERS_RUN, Point, Sweep
 from prism_ray.sweep.table import record_key, write_table
 
@@ -135,21 +135,23 @@ def seed_from(storage: Storage, sweep: Sweep, point: Point) -> None:
                                                              data_context(cfg))}
     for set_name, stage in stage_by_set.items():
         src, dst = f"{source}/{recover_prefix(set_name)}", f"{target}/{recover_prefix(set_name)}"
-        if not storage.exists(f"{src}/config.json"):
+        src_store = ShardStore(storage, src)
+        recorded = src_store.record()
+        if recorded is None:
             continue  # the earlier point has no such set: this one makes it from scratch
-        recorded = storage.read_json(f"{src}/config.json")
-        if storage.exists(f"{dst}/config.json") and storage.read_json(f"{dst}/config.json") != recorded:
+        own = ShardStore(storage, dst).record()
+        if own is not None and own["config"] != recorded["config"]:
             continue  # this point's own recover has begun (its record is its own config now)
-        change = classify_change(recorded, stage.current_config())
+        change = classify_change(recorded["config"], stage.current_config())
         if change.other or change.lowered:
             raise StageError(f"sweep point {point.name!r}: grow_from {point.grow_from!r}: {stage.name} differs in "
                              f"{', '.join(change.describe())}; grow_from needs the same recover settings and a "
                              f"larger (or equal) IPC")
-        src_store, dst_store = ShardStore(storage, src), ShardStore(storage, dst)
+        dst_store = ShardStore(storage, dst, generation=own["generation"] if own else new_generation())
         shards = sorted(src_store.committed() - dst_store.committed())  # an interrupted copy resumes
         for sid in shards:
-            for rel in src_store.read(sid).column("path").to_pylist():
-                storage.write_bytes(f"{dst}/{rel}", storage.read_bytes(f"{src}/{rel}"))
-        storage.write_bytes(f"{dst}/config.json", storage.read_bytes(f"{src}/config.json"))
+            for row in src_store.read(sid).to_pylist():
+                storage.write_bytes(dst_store.key(row["path"]), src_store.read_output(row))
+        storage.write_json(dst_store.record_key, {**recorded, "generation": dst_store.generation})
         for sid in shards:
             storage.create_exclusive(dst_store.manifest_key(sid), storage.read_bytes(src_store.manifest_key(sid)))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 from prism_ray.stats import paired_difference
-from prism_ray.storage import COMBINED, Storage
+from prism_ray.storage import ShardStore, Storage
 from prism_ray.sweep.grid import TEACHERS_RUN, Sweep, _short
 
 
@@ -110,7 +110,7 @@ def write_table(storage: Storage, sweep: Sweep) -> list[dict]:
             continue
     rows = table_rows(records)
     try:
-        teachers = storage.read_table(f"{TEACHERS_RUN}/squeeze/{COMBINED}").to_pylist()
+        teachers = ShardStore(storage, f"{TEACHERS_RUN}/squeeze").read_combined().to_pylist()
     except FileNotFoundError:
         teachers = []
     if rows:

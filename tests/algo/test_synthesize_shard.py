@@ -19,9 +19,10 @@ SHAPE = (1, 16, 16)
 
 
 def recover_cfg(**overrides) -> RecoverConfig:
+    # bn_only: the pinned pixels below were made with it; the reference divisor has its own test
     base = dict(primary="primary", bn_pool=["bn_a", "bn_b", "no_bn"], selection="pre", slots=3, slot_prob=0.5,
                 init="noise", lr=0.1, iterations=6, schedule="flat", jitter=2, crop_scale=[0.5, 1.0],
-                image_format="png")
+                image_format="png", bn_average="bn_only")
     return RecoverConfig(**{**base, **overrides})
 
 
@@ -320,3 +321,69 @@ def test_a_failing_shard_leaves_no_hooks_on_the_pool(pool, norm):
     with pytest.raises(ValueError, match="beta parameter"):  # Adam refuses it after the hooks exist
         synthesize_shard(pool, spec(), recover_cfg(betas=[2.0, 0.9]), norm, shape=SHAPE)
     assert [h for m in pool.values() for layer in m.modules() for h in layer._forward_hooks.values()] == []
+
+
+def reference_bn_term(bn_teachers: list, x: torch.Tensor, first_multiplier: float = 10.0) -> float:
+    """The BN term of the authors' data_synthesis.py (before r_bn): each teacher's sum over its BatchNorm2d
+    layers of ||running_var - var||_2 + ||running_mean - mean||_2 of the layer's input (the first layer x10),
+    summed over the drawn teachers, divided by count_aux, which counts every drawn teacher: a BN-free one adds
+    nothing to the sum (the sum over its empty hook list is 0) and 1 to the count."""
+    def r_feature(module, inputs, output):
+        a = inputs[0]
+        var = a.permute(1, 0, 2, 3).reshape(a.shape[1], -1).var(1, unbiased=False)
+        terms.append(torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - a.mean([0, 2, 3]), 2))
+
+    total, count_aux = 0.0, 0
+    for model in bn_teachers:
+        count_aux += 1
+        terms = []
+        hooks = [m.register_forward_hook(r_feature) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        total += sum(t.item() * (first_multiplier if i == 0 else 1.0) for i, t in enumerate(terms))
+    return total / count_aux
+
+
+def test_the_reference_divisor_with_a_bn_free_teacher_drawn_equals_the_authors_count_aux(pool, norm):
+    """The prism preset's bn_average (reference): find shards whose draw holds the BN-free teacher (alexnet's
+    role) and compare the first step's BN term with the authors' formula on the same view."""
+    from prism_ray.algo.augment import apply_view, draw_view
+    from prism_ray.algo.seeding import generator
+    from prism_ray.config_loader import load_config
+
+    assert load_config(overrides=["recover.preset=prism"]).recover.bn_average == "reference"
+    cfg = recover_cfg(selection="pre", bn_average="reference", iterations=1, jitter=2, crop_scale=[0.5, 1.0])
+    checked = 0
+    for seed in range(40):
+        sp = spec(seed)
+        result = synthesize_shard(pool, sp, cfg, norm, shape=SHAPE)
+        drawn = result.records[0].bn_teachers
+        if "no_bn" not in drawn:
+            continue
+        x0 = initial_images(sp, cfg, None, SHAPE)
+        view = draw_view(generator(sp.seed, "augment"), SHAPE[1], SHAPE[2], cfg.crop_scale, cfg.jitter)
+        want = reference_bn_term([pool[n] for n in drawn], apply_view(x0, view))
+        assert result.history["loss_bn"][0] == pytest.approx(want, rel=1e-5), drawn
+        bn_only = synthesize_shard(pool, sp, dataclasses.replace(cfg, bn_average="bn_only"), norm, shape=SHAPE)
+        assert bn_only.history["loss_bn"][0] == pytest.approx(want * len(drawn) / (len(drawn) - 1), rel=1e-5)
+        checked += 1
+    assert checked >= 3  # draws with the BN-free teacher and zero, one or two BN teachers beside the primary
+
+
+def test_a_shared_teacher_seed_gives_shards_the_same_draw(pool, norm):
+    cfg = recover_cfg(selection="pre", iterations=1)
+    draws = {tuple(synthesize_shard(pool, ShardSpec(f"s{s}", 0, (0, 1), s, teacher_seed=77), cfg, norm,
+                                    shape=SHAPE).records[0].bn_teachers) for s in range(6)}
+    assert len(draws) == 1
+    own = {tuple(synthesize_shard(pool, spec(s), cfg, norm, shape=SHAPE).records[0].bn_teachers) for s in range(6)}
+    assert len(own) > 1
+
+
+def test_bf16_precision_runs_anywhere_and_fp32_is_the_default(pool, norm):
+    assert RecoverConfig().precision == "fp32"
+    fp32 = synthesize_shard(pool, spec(3), recover_cfg(iterations=3), norm, shape=SHAPE)
+    bf16 = synthesize_shard(pool, spec(3), recover_cfg(iterations=3, precision="bf16"), norm, shape=SHAPE)
+    assert bf16.images.dtype == torch.float32 and torch.isfinite(bf16.images).all()
+    assert not torch.equal(fp32.images, bf16.images)  # the teachers ran in bf16
