@@ -48,7 +48,7 @@ def main() -> None:
             storage = pipeline.open_storage(cfg)
             context = pipeline.data_context(cfg)
             (stage,) = pipeline.build_stages(cfg, storage, context, ["recover"])
-            stage.check_config()
+            stage.prepare()
             t0 = time.perf_counter()
             report = run_stage_ray(stage, cfg.ray, quiet=True)
             wall = time.perf_counter() - t0

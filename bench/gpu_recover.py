@@ -29,6 +29,7 @@ DIR/gpu_recover.md (the tables). Exit status 0 when every variant that ran finis
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -91,6 +92,8 @@ def sync(device: torch.device) -> None:
 def timed_shard(teachers, spec: ShardSpec, cfg: RecoverConfig, norm, shape, device) -> tuple[float, object]:
     sync(device)
     t0 = time.perf_counter()
+    # the config's precision must be the one the TeacherSet was built with (synthesize_shard checks it)
+    cfg = dataclasses.replace(cfg, precision="bf16" if teachers.amp else "fp32")
     result = synthesize_shard(teachers, spec, cfg, norm, device=device,
                               shape=(shape.in_channels, shape.resolution, shape.resolution))
     sync(device)
@@ -143,6 +146,9 @@ def child_engine(opts: dict) -> dict:
     size = SIZES[opts["size"]]
     amp, channels_last, mode = ENGINE_VARIANTS[opts["variant"]]
     device = torch.device(opts["device"])
+    # the bf16 variants are GPU variants: a CPU dry run computes them in fp32 (the engine would honour bf16 on
+    # a CPU too, as recover.precision does; bench/bf16_effect.py measures what that changes)
+    amp = amp and device.type == "cuda"
     shape = ModelShape(size["classes"], 3, size["resolution"])
     norm = Normalization(*IMAGENET_STATS)
     pool = build_pool(shape, device)

@@ -53,9 +53,9 @@ def commit_set(storage, set_names: list[str], classes: int, ipc: int, g: np.rand
     """A committed 224 px JPEG set of classes x ipc images (as recover commits one: a shard per IPC index, then
     the combined manifest), written under each of `set_names` (the same files); returns its encoded bytes."""
     from prism_ray.stages.recover import recover_prefix
-    from prism_ray.storage import ShardStore
+    from prism_ray.storage import begin_stage
 
-    stores = [ShardStore(storage, recover_prefix(name)) for name in set_names]
+    stores = [begin_stage(storage, recover_prefix(name)) for name in set_names]
     total = 0
     for k in range(ipc):
         outputs, rows = [], []
@@ -119,6 +119,8 @@ else:
     from prism_ray.stages.evaluate import StudentStage
     stage = StudentStage(cfg, storage, ctx)
     unit = stage.units()[0]
+stage.prepare()  # the driver's part: the stage's generation and the upstream outputs it reads
+stage.bind()
 worker = stage.open_worker()
 if holding != "default":
     worker.sets.holding = holding
@@ -132,6 +134,7 @@ out = {"open_s": round(t1 - t0, 1), "load_s": round(t2 - t1, 1), "compute_s": ro
 if case == "relabel":
     if "--commit" in sys.argv:
         worker.commit(unit, computed)
+        stage.finalize()  # the labels' combined manifest: what a student reads them through
     out["images_per_s"] = round(n / (t3 - t2), 1)
 else:
     row = computed[1]

@@ -147,7 +147,7 @@ def make_stage(output: str, endpoint: str | None, workers: int, shards: int, t: 
     storage = Storage(output, cfg.storage)
     context = RunContext(1000, [f"c{i}" for i in range(1000)], [1300] * 1000)
     stage = StandInStage(cfg, storage, context, shards, t, images, resolution)
-    stage.check_config()
+    stage.prepare()
     return stage
 
 

@@ -2,7 +2,7 @@
 
 It makes an ImageNet-shaped data set (bench/imagenet_shape.py) in a moto S3 server (its own process, on
 127.0.0.1), puts a request-counting proxy in front of it (tests/support/s3_proxy.py), and runs
-jobs/configs/imagenet-ipc50.yaml stage by stage through the CLI, each stage a fresh driver on a local Ray
+jobs/configs/imagenet/resnet18.yaml stage by stage through the CLI, each stage a fresh driver on a local Ray
 with 2 workers. Compute is made tiny by overrides: random-weight `probe` networks (one convolution) under
 every teacher name and as the student, 1 recover iteration, 1 label and student epoch, one seed, scoring
 batches of 100. Everything else keeps the real shape: 1000 classes, IPC 50, 224 px, 500 recover shards per method, three
@@ -38,7 +38,7 @@ from prism_ray.formatting import human_bytes  # noqa: E402
 from prism_ray.storage import filesystem  # noqa: E402
 from tests.support.s3_proxy import S3RequestCounter  # noqa: E402
 
-CONFIG = REPO / "jobs" / "configs" / "imagenet-ipc50.yaml"
+CONFIG = REPO / "jobs" / "configs" / "imagenet" / "resnet18.yaml"
 DATA_BUCKET, RUN_BUCKET = "imagenet-shaped", "prism-runs"
 TEACHER_NAMES = ("resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5", "alexnet")
 SMALL_ARCH = "probe"  # ~2.4 MFLOP per 224-px image: the data path, memory and storage are what is measured

@@ -15,7 +15,6 @@ Usage: python bench/relabel_student.py [--images N] [--epochs 2] [--out bench/re
 from __future__ import annotations
 
 import argparse
-import inspect
 import time
 
 from _common import bf16_peak, default_out, known_gpu, machine, table, write_json
@@ -97,16 +96,14 @@ def main() -> None:
     relabel("relabel data path (crop, flip, CutMix; no teacher)", MeanTeacher(k))
     relabel(f"soft labels ({args.teacher} teacher)", build_model(args.teacher, shape, seed=1))
 
+    cuda = device.type == "cuda"
     cfg = EvaluateConfig(students=[args.student], epochs=args.epochs, batch_size=args.batch_size, optimizer="adamw",
-                         lr=1e-3, weight_decay=0.01, loss="mse_ce", ce_weight=0.1)
+                         lr=1e-3, weight_decay=0.01, loss="mse_ce", ce_weight=0.1, accumulation_steps=1,
+                         precision="bf16" if cuda else "fp32")  # on CUDA, bf16 + channels_last students
     logits = torch.randn(n, k, generator=g)  # the step's cost does not depend on the label values
     label_fn = lambda epoch: (plan(epoch), logits)  # noqa: E731
     marks = []
-    kwargs = {}
-    accepted = inspect.signature(train_student).parameters
-    for name in ("amp", "channels_last"):  # the uint8-set branch adds bf16 / channels_last students on CUDA
-        if name in accepted:
-            kwargs[name] = True
+    kwargs = {"channels_last": True} if cuda else {}
     student = build_model(args.student, shape, seed=2)
     t0 = time.perf_counter()
 
@@ -120,13 +117,14 @@ def main() -> None:
     timed = epoch_s[1:] or epoch_s  # the first epoch includes warm-up
     seconds = sum(timed) / len(timed)
     rows.append({"what": f"student training ({args.student}, batch {args.batch_size}"
-                         + (", bf16 + channels_last" if kwargs and device.type == "cuda" else ", fp32") + ")",
+                         + (", bf16 + channels_last" if cuda else ", fp32") + ")",
                  "images": n, "seconds": seconds, "images_per_s": n / seconds, "ms_per_image": 1000 * seconds / n})
 
     result = {"bench": "relabel_student", "machine": machine(), "device": str(device), "data_path": path,
               "setup": {"images": n, "resolution": res, "classes": k, "mix_group": args.mix_group,
                         "batch_size": args.batch_size, "teacher": args.teacher, "student": args.student,
-                        "student_epochs_timed": len(timed), "student_kwargs": kwargs},
+                        "student_epochs_timed": len(timed), "student_kwargs": kwargs,
+                        "student_precision": cfg.precision},
               "rows": rows}
     gpu = known_gpu()
     if gpu:

@@ -132,6 +132,8 @@ if args["kind"] == "relabel":
     from prism_ray.stages.relabel import RelabelStage, label_shards
     reset_peak(); r0 = status()["VmRSS"]; t0 = time.perf_counter()
     stage = RelabelStage(cfg, storage, ctx)
+    stage.prepare()  # the driver's part: the stage's generation and what it reads
+    stage.bind()
     worker = stage.open_worker()
     report("open", t0, r0)
     for name in sets:
@@ -151,10 +153,13 @@ if args["kind"] == "relabel":
         t0 = time.perf_counter()
         worker.sets.drop()
         report(f"drop {name}", t0, r0)
+    stage.finalize()  # the labels' combined manifest: what students read them through
 elif args["kind"] == "student":
     from prism_ray.stages.evaluate import StudentStage
     reset_peak(); r0 = status()["VmRSS"]; t0 = time.perf_counter()
     stage = StudentStage(cfg, storage, ctx)
+    stage.prepare()
+    stage.bind()
     worker = stage.open_worker()
     report("open student", t0, r0)
     unit = next(u for u in stage.units() if u.payload["set"] == sets[0])
@@ -170,6 +175,8 @@ else:
     from prism_ray.stages.evaluate import DiversityStage
     reset_peak(); r0 = status()["VmRSS"]; t0 = time.perf_counter()
     stage = DiversityStage(cfg, storage, ctx)
+    stage.prepare()
+    stage.bind()
     worker = stage.open_worker()
     report("open diversity", t0, r0)
     unit = next(u for u in stage.units() if u.id == sets[0])

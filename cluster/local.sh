@@ -9,17 +9,23 @@
 # Settings (environment): PRISM_LOCAL_CLUSTER  state folder: token, pids, logs (default /tmp/prism-ray-local-$USER)
 #   WORKERS (2) worker nodes, WORKER_CPUS (1) and WORKER_GPUS (0) each (GPUs here are Ray resources only: set
 #   PRISM_RAY_FAKE_GPUS=1 in the job's environment to use them), GCS_PORT (6390), DASHBOARD_PORT (8275),
-#   METRICS_PORT (8276, the head's Prometheus endpoint), RAY (default: this project's .venv/bin/ray, else ray).
+#   METRICS_PORT (8276, the head's Prometheus endpoint), RAY (default: this project's .venv/bin/ray, else ray),
+#   STOP_SECONDS (60: how long `down` lets a node stop before it kills every process the node started).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 state="${PRISM_LOCAL_CLUSTER:-/tmp/prism-ray-local-${USER:-$(id -un)}}"
 WORKERS="${WORKERS:-2}" WORKER_CPUS="${WORKER_CPUS:-1}" WORKER_GPUS="${WORKER_GPUS:-0}"
 GCS_PORT="${GCS_PORT:-6390}" DASHBOARD_PORT="${DASHBOARD_PORT:-8275}" METRICS_PORT="${METRICS_PORT:-8276}"
-if [ -z "${RAY:-}" ]; then
-  if [ -x "$here/.venv/bin/ray" ]; then RAY="$here/.venv/bin/ray"; else RAY="$(command -v ray)"; fi
-fi
-PYTHON="$(head -n 1 "$RAY" | sed 's/^#! *//')"  # the interpreter of this ray (a console script)
+STOP_SECONDS="${STOP_SECONDS:-60}"
+
+find_ray() {  # RAY, and PYTHON: the interpreter of that ray (a console script), whose environment the nodes use
+  if [ -z "${RAY:-}" ]; then
+    if [ -x "$here/.venv/bin/ray" ]; then RAY="$here/.venv/bin/ray"; else RAY="$(command -v ray)" || {
+      say "local.sh: no ray: create the project's .venv (make setup) or set RAY" >&2; exit 2; }; fi
+  fi
+  PYTHON="$(head -n 1 "$RAY" | sed 's/^#! *//')"
+}
 # Ray's session sockets must fit in 107 bytes: keep its temp folders short, one per state folder, and one per
 # node (nodes of one host sharing a temp folder collide on the object store's socket).
 ray_tmp="/tmp/prism-ray-local-$(printf %s "$state" | cksum | cut -d ' ' -f 1)"
@@ -29,10 +35,15 @@ export RAY_USAGE_STATS_ENABLED="${RAY_USAGE_STATS_ENABLED:-0}"
 # SIGTERM to `ray start --block` drains the node for 30 s by default before stopping it: `down` is for now.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
-# `ray start --address=127.0.0.1:PORT` swaps 127.0.0.1 for the machine's interface address, where a head bound
-# to loopback does not listen (and RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which stops the swap, also refuses
-# worker nodes): worker nodes run Ray's own CLI with that one function keeping the address as given.
+# `ray start --address=127.0.0.1:PORT --node-ip-address=127.0.0.1` swaps 127.0.0.1 for the machine's interface
+# address, in both, and a head bound to loopback does not listen there. RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, which
+# stops the swap, also refuses worker nodes; 127.1 (127.0.0.1 written short) is not swapped but Ray's gRPC does not
+# resolve it; [::ffff:127.0.0.1] joins, but the node still registers at the interface address. There is no public
+# way (Ray 2.60): worker nodes run Ray's own CLI with its one resolving function (private) keeping addresses as
+# given, and say so plainly if a Ray release renames it.
 keep_loopback='import sys, ray._private.services as s
+if not hasattr(s, "resolve_ip_for_localhost"):
+    sys.exit("local.sh: this Ray has no ray._private.services.resolve_ip_for_localhost: worker nodes cannot stay on 127.0.0.1")
 s.resolve_ip_for_localhost = lambda host: host
 from ray.scripts.scripts import main
 sys.argv[0] = "ray"
@@ -51,6 +62,7 @@ alive() {  # alive PIDFILE: the recorded process still runs and is the `ray star
 }
 
 submit_line() {
+  # `python` is the first on the head's PATH when the job starts there: this environment's (see up)
   say "RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=$state/auth_token $RAY job submit --address http://127.0.0.1:$DASHBOARD_PORT --working-dir $here -- python -m prism_ray run jobs/configs/fmnist-demo.yaml --set run.output=$here/runs/fmnist-demo"
 }
 
@@ -95,6 +107,9 @@ up() {
   if [ ! -s "$state/auth_token" ]; then
     (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32), end="")' > "$state/auth_token")
   fi
+  # The nodes, and so the jobs they run, find this environment's python (and its torch) first on their PATH,
+  # whatever the shell that runs `up` or submits a job has activated.
+  export PATH="$(dirname "$PYTHON"):$PATH"
   # The head binds to loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as its address. Ports
   # with fixed defaults (agent 52365, client 10001) are picked free: another Ray on this machine may hold them.
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 \
@@ -126,8 +141,13 @@ down() {
     if alive "$f"; then
       pid="$(cat "$f")"
       kill -TERM "$pid"  # `ray start --block` ends the processes it started, then exits
-      for _ in $(seq 1 60); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
-      if kill -0 "$pid" 2>/dev/null; then kill -KILL "$pid"; fi
+      for _ in $(seq 1 "$STOP_SECONDS"); do kill -0 "$pid" 2>/dev/null || break; sleep 1; done
+      # Still there: kill its whole session (`up` started each node as a session of its own with setsid), the
+      # raylet, GCS and workers included, not `ray start` alone.
+      if kill -0 "$pid" 2>/dev/null; then
+        pkill -KILL -s "$pid" || true
+        for _ in $(seq 1 30); do pgrep -s "$pid" >/dev/null || break; sleep 1; done
+      fi
       stopped=$(( stopped + 1 ))
     fi
     rm -f "$f"
@@ -141,8 +161,8 @@ status() {
 }
 
 case "${1:-}" in
-  up) up ;;
+  up) find_ray; up ;;
   down) down ;;
-  status) status ;;
+  status) find_ray; status ;;
   *) say "usage: cluster/local.sh up|status|down" >&2; exit 2 ;;
 esac

@@ -35,7 +35,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     _add_config_args(p)
     p.add_argument("--fresh", action="store_true",
-                   help="delete this stage's outputs (and later stages' run in this call) and start over")
+                   help="start the stage(s) over, and every stage that reads their outputs (those are reset too)")
+    p.add_argument("--take-over", action="store_true",
+                   help="take the run's lease now even if another driver seems to hold it (you know it is gone); "
+                        "without it a lease not renewed for run.lease_seconds is taken over automatically")
     p.add_argument("--local", action="store_true", help="run units in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.add_argument("--json", action="store_true", help="print the stage reports as JSON at the end")
@@ -69,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--endpoint-url", help="S3 endpoint (default: AWS_ENDPOINT_URL)")
         p.add_argument("--json", action="store_true")
         if name == "status":
+            p.add_argument("--verify", action="store_true",
+                           help="also read every committed output and check it against its manifest's sha256, and "
+                                "every stage's lineage (exit 1 on any problem)")
             p.add_argument("--watch", action="store_true",
                            help="refresh from storage until the run completes (exit 0), or stops with failed units "
                                 "(exit 1)")
@@ -82,10 +88,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--soft-labels", action="store_true", help="also copy the set's stored soft labels")
     p.add_argument("--endpoint-url", help="S3 endpoint for both URIs (default: AWS_ENDPOINT_URL)")
     sub.add_parser("teachers", help="list the architectures teachers and students can use")
+    p = sub.add_parser("config-reference", help="print every config field (type, default, allowed values, meaning) "
+                                                "as Markdown: docs/config.md")
+    p.add_argument("--out", metavar="PATH", help="write it to PATH instead of printing it")
+    p = sub.add_parser("release", help="withdraw every run's request to the cluster's autoscaler (nodes it kept "
+                                       "up for runs that are gone can then scale down)")
+    p.add_argument("--address", default="auto",
+                   help="the cluster (default: RAY_ADDRESS, else the Ray started on this machine)")
     p = sub.add_parser("sweep", help="run one config at many points (each a run; shared teachers) into one table")
     _add_config_args(p)
     p.add_argument("--grid", required=True, metavar="SWEEP.yaml",
-                   help="the sweep file: base, output, set, vary, grid, points (see prism_ray/sweep.py)")
+                   help="the sweep file: base, output, set, vary, grid, points (see docs/sweep.md)")
     p.add_argument("--only", help="comma-separated point names to run (the table keeps every finished point)")
     p.add_argument("--local", action="store_true", help="run units in this process, without Ray")
     p.add_argument("--quiet", action="store_true", help="no per-stage progress lines")
@@ -99,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except _expected_errors() as e:
-        print(f"prism-ray: error: {e}", file=sys.stderr)
+        from prism_ray.redaction import redact_uri
+        print(f"prism-ray: error: {redact_uri(str(e))}", file=sys.stderr)
         return EXIT_USAGE
     except Interrupted as e:
         print(f"prism-ray: {e.summary()}", file=sys.stderr, flush=True)
@@ -107,12 +121,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prism-ray: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    except Exception:  # noqa: BLE001 - an unexpected failure: its traceback, with any credentials redacted
+        import traceback
+
+        from prism_ray.redaction import redact_uri
+        print(redact_uri(traceback.format_exc()), file=sys.stderr, end="")
+        return EXIT_FAILED
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "release":
+        from prism_ray.config import RayConfig
+        from prism_ray.orchestration import autoscaler
+        from prism_ray.orchestration.cluster import ray_session
+        with ray_session(RayConfig(address=args.address)):
+            n = autoscaler.release()
+        print(f"withdrew the autoscaler requests of {n} run(s); idle nodes scale down after the idle timeout")
+        return EXIT_OK
     if args.command == "teachers":
         from prism_ray.algo.teachers import ARCHITECTURES
         print("\n".join(sorted(ARCHITECTURES)))
+        return EXIT_OK
+    if args.command == "config-reference":
+        from prism_ray.config_reference import reference_markdown
+        text = reference_markdown()
+        if args.out:
+            with open(args.out, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            print(text, end="")
         return EXIT_OK
     if args.command in ("status", "report"):
         from prism_ray import status
@@ -124,7 +161,15 @@ def _dispatch(args: argparse.Namespace) -> int:
                 if args.interval <= 0:
                     raise ConfigError("--interval", f"got {args.interval:g}; allowed: > 0")
                 return status.watch(storage, interval=args.interval, as_json=args.json)
-            return status.print_status(storage, as_json=args.json)
+            code = status.print_status(storage, as_json=args.json)
+            if args.verify:
+                problems = status.verify_run(storage)
+                for problem in problems:
+                    print(f"verify: {problem}", file=sys.stderr)
+                summary = f"{len(problems)} problem(s)" if problems else "every committed output matches its manifest"
+                print(f"verify: {summary}", file=sys.stderr)
+                return EXIT_FAILED if problems else code
+            return code
         from prism_ray import report
         return report.print_report(storage, as_json=args.json)
 
@@ -168,15 +213,16 @@ def _dispatch(args: argparse.Namespace) -> int:
                 raise ConfigError("--stages", f"unknown stage {s!r}; allowed: {', '.join(STAGES)}")
     else:
         stages = [args.command]
-    return run_command(cfg, stages, fresh=args.fresh, local=args.local, quiet=args.quiet, as_json=args.json)
+    return run_command(cfg, stages, fresh=args.fresh, local=args.local, quiet=args.quiet, as_json=args.json,
+                       take_over=args.take_over)
 
 
 def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = False, quiet: bool = False,
-                as_json: bool = False) -> int:
+                as_json: bool = False, take_over: bool = False) -> int:
     """Run `stage_names` of `cfg` and summarise: the body of `prism-ray run` and the per-stage commands."""
     from prism_ray.pipeline import execute
 
-    reports = execute(cfg, stage_names, fresh=fresh, local=local, quiet=quiet)
+    reports = execute(cfg, stage_names, fresh=fresh, local=local, quiet=quiet, take_over=take_over)
     if as_json:
         print(json.dumps([r.to_json() for r in reports], indent=2))
     failed = [r for r in reports if not r.complete]
@@ -193,7 +239,24 @@ def run_command(cfg, stage_names: list[str], fresh: bool = False, local: bool = 
               + f"\nFix the cause and rerun the same command: committed units are kept, only the rest run. "
                 f"`prism-ray status {cfg.run.output}` shows the state.", file=sys.stderr)
         return EXIT_FAILED
+    if not quiet and "evaluate" in stage_names:
+        _print_headline(cfg)
     return EXIT_OK
+
+
+def _print_headline(cfg) -> None:
+    """The report's path and its headline numbers, last on the terminal (the report itself is printed above)."""
+    from prism_ray.report import REPORT, headline
+    from prism_ray.storage import Storage
+
+    storage = Storage(cfg.run.output, cfg.storage)
+    try:
+        figures = storage.read_json(f"{REPORT}/report.json")
+    except FileNotFoundError:
+        return
+    print(f"report: {storage.uri(f'{REPORT}/report.md')}", file=sys.stderr)
+    for line in headline(figures):
+        print(f"  {line}", file=sys.stderr)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -14,8 +14,9 @@ from typing import Any, Literal, Optional, Union
 
 STAGES = ("squeeze", "recover", "relabel", "evaluate")
 RANDOM_REAL = "random_real"
-# Set names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_', '.', '-',
-# starting with a letter or digit, never '--', so that no name reaches outside the run or splits ambiguously.
+# Set and teacher names become storage paths and unit ids ("<set>--<student>--seed<n>"): letters, digits, '_',
+# '.', '-', starting with a letter or digit, never '--' or '..', so that no name reaches outside the run or
+# splits ambiguously.
 SET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -40,27 +41,40 @@ def _f(default: Any = dataclasses.MISSING, *, factory: Any = None, doc: str = ""
 
 @dataclass
 class RunConfig:
+    """The run: its name, where it lives, its root seed and which stages `prism-ray run` executes."""
+
     name: str = _f("prism-run", doc="run name, used in logs and actor names")
     output: str = _f("runs/prism-run", doc="run URI: local path, file://, s3://bucket/prefix")
     seed: int = _f(0, ge=0, doc="root of every random draw of the run")
     stages: list[str] = _f(factory=lambda: list(STAGES), nonempty=True, doc="stages `prism-ray run` executes")
+    lease_seconds: float = _f(60.0, gt=0, doc="one driver per run: the driver renews its lease 6 times per this "
+                                              "period; another driver takes over a lease not renewed for this long")
 
 
 @dataclass
 class DataConfig:
-    dataset: Literal["fashion_mnist", "image_folder", "parquet"] = "fashion_mnist"
+    """The real data: the training split (squeeze, recover, random real) and the validation split (evaluate)."""
+
+    dataset: Literal["fashion_mnist", "image_folder", "parquet"] = _f(
+        "fashion_mnist", doc="fashion_mnist (IDX files), image_folder (class folders of images) or parquet (an image "
+                             "and a label column)")
     root: str = _f("/usr/share/datasets/fashion-mnist", doc="fashion_mnist: folder or URI of the IDX .gz files")
     train: Optional[str] = _f(None, doc="image_folder / parquet: URI of the training split")
     val: Optional[str] = _f(None, doc="image_folder / parquet: URI of the validation split")
-    channels: Literal[1, 3] = 1
-    resolution: int = _f(28, ge=8, le=1024)
-    mean: Optional[list[float]] = None
-    std: Optional[list[float]] = None
+    channels: Literal[1, 3] = _f(1, doc="image channels the networks take (images are converted to it)")
+    resolution: int = _f(28, ge=8, le=1024, doc="side in pixels of every image the networks see")
+    resize: Optional[int] = _f(
+        None, ge=8, doc="shorter side resized to this (antialiased bilinear), then a centre crop to data.resolution, "
+                        "for real images (validation, real init, random real); empty = per data set: 256 for "
+                        "image_folder / parquet at resolution 224 (the ImageNet protocol Resize(256) + "
+                        "CenterCrop(224) of the PRISM and SRe2L code), data.resolution otherwise (no margin)")
+    mean: Optional[list[float]] = _f(None, doc="per-channel normalization mean; empty = the data set's own")
+    std: Optional[list[float]] = _f(None, doc="per-channel normalization std; empty = the data set's own")
     classes: Optional[int] = _f(None, ge=1, doc="use only the first N classes (small runs and tests)")
     max_per_class: Optional[int] = _f(None, ge=1, doc="cap on training images per class (squeeze)")
     max_val: Optional[int] = _f(None, ge=1, doc="cap on validation images (evaluation), first N")
-    image_column: str = "image"
-    label_column: str = "label"
+    image_column: str = _f("image", doc="parquet: column holding the encoded image bytes")
+    label_column: str = _f("label", doc="parquet: column holding the integer class")
     index: Optional[str] = _f(None, doc="folder URI holding train-index.parquet / val-index.parquet (made by "
                                         "`prism-ray index`): nothing is listed; empty = list once into RUN/data")
     verify: Literal["auto", True, False] = _f(
@@ -68,8 +82,22 @@ class DataConfig:
                     "images)")
 
 
+IMAGENET_PROTOCOL = (224, 256)  # (resolution, resize) of the standard ImageNet evaluation crop
+
+
+def resolved_resize(d: DataConfig) -> int:
+    """The shorter side real images are resized to before the centre crop (see DataConfig.resize)."""
+    if d.resize is not None:
+        return d.resize
+    if d.dataset in ("image_folder", "parquet") and d.resolution == IMAGENET_PROTOCOL[0]:
+        return IMAGENET_PROTOCOL[1]
+    return d.resolution
+
+
 @dataclass
 class TeacherSpec:
+    """One teacher of the pool (an item of teachers.models)."""
+
     name: str = _f(doc="name the stages refer to")
     arch: str = _f(doc="architecture from the registry (prism-ray teachers lists them)")
     weights: str = _f("squeeze", doc="'squeeze', 'torchvision:<WEIGHTS_ENUM>', 'random', or a checkpoint URI")
@@ -85,55 +113,75 @@ def _default_teachers() -> list[TeacherSpec]:
 
 @dataclass
 class TeachersConfig:
-    models: list[TeacherSpec] = _f(factory=_default_teachers, nonempty=True)
+    """The teacher pool every stage draws from, by name."""
+
+    models: list[TeacherSpec] = _f(factory=_default_teachers, nonempty=True,
+                                   doc="the teachers: a list of {name, arch, weights} (teachers.models[] below)")
     cache_dir: Optional[str] = _f(None, doc="node-local cache of torchvision weights and checkpoints")
 
 
 @dataclass
 class SqueezeConfig:
+    """Training the teachers whose weights are `squeeze`: SGD with Nesterov momentum, a one-cycle schedule."""
+
     epochs: float = _f(1.0, gt=0, doc="passes over the (capped) training set; fractions allowed")
-    batch_size: int = _f(128, ge=1)
-    lr: float = _f(0.05, gt=0)
-    momentum: float = _f(0.9, ge=0, lt=1)
-    weight_decay: float = _f(5e-4, ge=0)
-    label_smoothing: float = _f(0.0, ge=0, lt=1)
+    batch_size: int = _f(128, ge=1, doc="training batch")
+    lr: float = _f(0.05, gt=0, doc="peak SGD learning rate")
+    momentum: float = _f(0.9, ge=0, lt=1, doc="SGD momentum")
+    weight_decay: float = _f(5e-4, ge=0, doc="SGD weight decay")
+    label_smoothing: float = _f(0.0, ge=0, lt=1, doc="label smoothing of the cross-entropy")
 
 
 @dataclass
 class RecoverConfig:
+    """Synthesizing a set: the PRISM objective, its teacher selection, optimizer, schedule and encoding."""
+
     preset: Optional[str] = _f(None, doc="named preset (prism_ray/presets/recover); explicit keys win")
     name: str = _f("prism", doc="name of the synthetic set this recover produces")
     primary: str = _f("convnet", doc="teacher whose logits give the CE loss")
     bn_pool: Optional[list[str]] = _f(None, doc="teachers the extra BN teachers are drawn from; empty = every "
                                                 "teacher but the primary")
-    selection: Literal["pre", "intra", "fixed"] = "pre"
+    selection: Literal["pre", "intra", "fixed"] = _f(
+        "pre", doc="extra BN teachers drawn once (pre; per draw_per), anew every iteration (intra), or the `fixed` list")
+    draw_per: Literal["shard", "ipc"] = _f(
+        "ipc", doc="what one teacher draw covers: each shard its own, or every shard of one IPC index the same "
+                     "(the reference draws once per IPC index for all its class batches)")
     slots: int = _f(3, ge=0, doc="draws of extra BN teachers, each filled with slot_prob")
-    slot_prob: float = _f(0.5, ge=0, le=1)
+    slot_prob: float = _f(0.5, ge=0, le=1, doc="probability that a slot is filled")
     fixed: list[str] = _f(factory=list, doc="selection=fixed: extra BN teachers used every step")
-    bn_average: Literal["bn_only", "reference"] = "bn_only"
+    bn_average: Literal["bn_only", "reference"] = _f(
+        "reference", doc="divisor of the summed BN losses: reference = every drawn teacher, BN-free ones (alexnet) "
+                       "included, as the authors' count_aux; bn_only = only teachers with BN layers")
     bn_normalize: bool = _f(False, doc="divide each teacher's BN loss by its detached value when first used")
-    r_bn: float = _f(0.01, ge=0)
-    first_bn_multiplier: float = _f(10.0, ge=0)
-    init: Literal["real", "noise"] = "real"
-    lr: float = _f(0.05, gt=0)
-    betas: list[float] = _f(factory=lambda: [0.5, 0.9])
-    iterations: int = _f(4000, ge=1)
-    schedule: Literal["cyclic", "flat"] = "cyclic"
+    r_bn: float = _f(0.01, ge=0, doc="weight of the BN statistic loss beside the primary's cross-entropy")
+    first_bn_multiplier: float = _f(10.0, ge=0, doc="extra weight of each teacher's first BN layer")
+    init: Literal["real", "noise"] = _f("real", doc="start IPC index k from the k-th real image of each class, or "
+                                                   "from Gaussian noise")
+    lr: float = _f(0.05, gt=0, doc="Adam learning rate on the pixels (cosine per step, no warm-up)")
+    betas: list[float] = _f(factory=lambda: [0.5, 0.9], doc="Adam betas: two numbers in [0, 1)")
+    iterations: int = _f(4000, ge=1, doc="optimization steps per shard (the base of the cyclic schedule)")
+    schedule: Literal["cyclic", "flat"] = _f("cyclic", doc="iterations per IPC index: cyclic (see cyclic_step) or "
+                                                          "flat (always `iterations`)")
     cyclic_step: int = _f(500, ge=0, doc="cyclic: iterations = base - cyclic_step * (ipc % cyclic_period)")
-    cyclic_period: int = _f(8, ge=1)
+    cyclic_period: int = _f(8, ge=1, doc="cyclic: the period of the IPC index pattern")
     jitter: int = _f(32, ge=0, doc="random roll of 0..jitter pixels per step")
-    crop_scale: list[float] = _f(factory=lambda: [0.08, 1.0])
+    crop_scale: list[float] = _f(factory=lambda: [0.08, 1.0], doc="area range of the random resized crop shared by "
+                                                                  "the batch each step")
     ipc: int = _f(50, ge=1, doc="images per class")
     class_group: int = _f(100, ge=1, doc="classes per cross-class batch (shard)")
-    image_format: Literal["jpeg", "png"] = "jpeg"
-    jpeg_quality: int = _f(75, ge=1, le=100)
-    amp: bool = _f(True, doc="bf16 autocast on CUDA (always fp32 on CPU)")
-    channels_last: bool = True
+    image_format: Literal["jpeg", "png"] = _f("jpeg", doc="encoding of the stored images")
+    jpeg_quality: int = _f(75, ge=1, le=100, doc="jpeg: Pillow quality")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="teacher passes: fp32 (the reference) or bf16 autocast with bf16 copies of conv/linear weights "
+                    "(BN statistics and losses in fp32); bf16 applies on any device (slow on CPUs without bf16 "
+                    "instructions). docs/recover.md has what bf16 was measured to change")
+    channels_last: bool = _f(True, doc="NHWC teachers and images on CUDA (no effect on the numbers)")
 
 
 # Keys a baseline recover inherits from the main recover whatever its preset says: the set must be
 # comparable (same IPC, same primary, same encoding), only the method differs.
-RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "amp", "channels_last")
+RECOVER_SHARED_KEYS = ("ipc", "class_group", "primary", "image_format", "jpeg_quality", "precision",
+                       "channels_last")
 
 
 @dataclass
@@ -157,6 +205,8 @@ class ImportedSetConfig:
 
 @dataclass
 class BaselinesConfig:
+    """The sets the method is compared with under the same relabel and evaluate protocol."""
+
     random_real: bool = _f(True, doc="a seeded random real subset with the same IPC")
     recover: dict[str, dict] = _f(factory=dict, doc="extra recover methods: name -> recover overrides (preset...)")
     imported: dict[str, ImportedSetConfig] = _f(
@@ -166,12 +216,15 @@ class BaselinesConfig:
 
 @dataclass
 class RelabelConfig:
-    mode: Literal["stored", "live"] = "stored"
+    """FKD-style soft labels for every epoch of student training (crops, flips, CutMix, teacher logits)."""
+
+    mode: Literal["stored", "live"] = _f("stored", doc="write labels as Parquet shards (stored) or run the teachers "
+                                                      "during student training (live)")
     teachers: list[str] = _f(factory=list, doc="soft-label teachers (ensemble); empty = the recover primary")
     epochs: Optional[int] = _f(None, ge=1, doc="epochs of labels; empty = evaluate.epochs")
     mix_group: int = _f(50, ge=1, doc="images that share one CutMix box; student batches hold whole groups")
-    crop_scale: list[float] = _f(factory=lambda: [0.25, 1.0])
-    cutmix: bool = True
+    crop_scale: list[float] = _f(factory=lambda: [0.25, 1.0], doc="area range of each image's random resized crop")
+    cutmix: bool = _f(True, doc="CutMix within each mix group")
     topk: int = _f(0, ge=0, doc="store only the top-k logits (0 = all, fp16)")
     ensemble: Literal["mean_norm", "primary_weighted"] = _f(
         "mean_norm", doc="several teachers: logits rescaled to their mean norm then averaged (PRISM R18 scripts), "
@@ -181,39 +234,59 @@ class RelabelConfig:
 
 @dataclass
 class EvaluateConfig:
+    """Students trained on every set with its soft labels and scored on the real validation split."""
+
     recipe: Optional[str] = _f(None, doc="named preset (prism_ray/presets/evaluate)")
-    students: list[str] = _f(factory=lambda: ["convnet"], nonempty=True)
-    seeds: list[int] = _f(factory=lambda: [0, 1, 2], nonempty=True)
-    epochs: int = _f(300, ge=1)
-    batch_size: int = _f(50, ge=1)
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = _f(1e-3, gt=0)
-    weight_decay: float = _f(0.01, ge=0)
-    no_decay_norm_bias: bool = True
-    loss: Literal["mse_ce", "kl"] = "mse_ce"
-    schedule: Literal["cosine", "prism_reference"] = _f(
-        "cosine", doc="cosine per step, or the PRISM validate code's piecewise per-epoch schedule")
-    ce_weight: float = _f(0.1, ge=0)
-    temperature: float = _f(4.0, gt=0)
+    students: list[str] = _f(factory=lambda: ["convnet"], nonempty=True,
+                             doc="student architectures (`prism-ray teachers` lists them), each trained on every set")
+    seeds: list[int] = _f(factory=lambda: [0, 1, 2], nonempty=True,
+                          doc="student seeds; seed n starts from the same weights on every set (paired comparisons)")
+    epochs: int = _f(300, ge=1, doc="student training epochs")
+    batch_size: int = _f(50, ge=1, doc="student batch, a multiple of relabel.mix_group")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", doc="AdamW, or SGD with momentum 0.9")
+    lr: float = _f(1e-3, gt=0, doc="peak learning rate")
+    weight_decay: float = _f(0.01, ge=0, doc="weight decay")
+    no_decay_norm_bias: bool = _f(True, doc="no weight decay on norm layers and biases")
+    loss: Literal["mse_ce", "kl"] = _f("mse_ce", doc="MSE to the teacher logits + ce_weight x cross-entropy (PRISM), "
+                                                    "or KL at temperature T (SRe2L)")
+    schedule: Literal["cosine", "cosine_epoch", "prism_reference"] = _f(
+        "prism_reference", doc="learning-rate schedule: prism_reference, the PRISM validate code's per-epoch "
+                               "stretched cosine then linear decay; cosine_epoch, a cosine stepped once per epoch "
+                               "(SRe2L's validate code); cosine, a cosine per optimizer step")
+    accumulation_steps: int = _f(
+        2, ge=1, doc="micro-batches per optimizer step: each batch runs as this many forward/backward passes of "
+                     "batch_size / accumulation_steps images (BN statistics over a micro-batch), each loss divided "
+                     "by accumulation_steps; the PRISM and SRe2L references use 2")
+    precision: Literal["fp32", "bf16"] = _f(
+        "fp32", doc="student forward pass: fp32 (the references: autocast off) or bf16 autocast with the loss in "
+                    "fp32 (any device; on a CPU without bf16 instructions it is slower, there for measurement)")
+    eval_every: int = _f(
+        10, ge=0, doc="score on the validation set after epoch e (0-based) when e % eval_every == 0 and after the "
+                     "last epoch, as the references do with 10; keeps best and final top-1/top-5. 0 = only after "
+                     "the last epoch")
+    ce_weight: float = _f(0.1, ge=0, doc="mse_ce: weight of the hard-label cross-entropy")
+    temperature: float = _f(4.0, gt=0, doc="kl: softmax temperature")
     checkpoint_every: int = _f(50, ge=1, doc="epochs between checkpoints written to the run")
     diversity_network: Optional[str] = _f(None, doc="teacher whose features measure diversity; empty = primary")
-    val_batch_size: int = _f(500, ge=1)
+    val_batch_size: int = _f(500, ge=1, doc="batch for scoring and diversity features")
 
 
 @dataclass
 class RayConfig:
+    """Where the work runs: a local Ray or a cluster, and the shape and number of workers."""
+
     address: Optional[str] = _f(None, doc="empty = start a local Ray; 'auto' or ray://host:port = join a cluster")
     workers: Union[int, Literal["auto"]] = _f(
         2, doc="a number (those that cannot be placed wait), or 'auto': one per free slot of the worker's shape, "
                "growing as nodes join, up to max_workers")
     max_workers: Optional[int] = _f(None, ge=1, doc="workers: auto only: at most this many (empty = the units left)")
-    gpus_per_worker: float = _f(0.0, ge=0)
-    cpus_per_worker: float = _f(1.0, gt=0)
+    gpus_per_worker: float = _f(0.0, ge=0, doc="GPUs each worker reserves (fractions below 1 share a GPU)")
+    cpus_per_worker: float = _f(1.0, gt=0, doc="CPUs each worker reserves; also its torch threads")
     memory_per_worker: Optional[float] = _f(None, gt=0, doc="GiB of host memory each worker reserves (Ray 'memory')")
     in_flight_per_worker: int = _f(2, ge=1, doc="units queued per worker so uploads overlap the next compute")
     max_attempts: int = _f(3, ge=1, doc="attempts per unit before it is recorded as failed")
     num_cpus: Optional[int] = _f(None, ge=1, doc="local Ray only: CPUs it may use")
-    namespace: str = "prism-ray"
+    namespace: str = _f("prism-ray", doc="Ray namespace of the run's actors")
 
     def worker_shape(self) -> dict[str, float]:
         """The resources one worker reserves, as Ray names them (what a free slot must hold)."""
@@ -227,9 +300,14 @@ class RayConfig:
 
 @dataclass
 class StorageConfig:
+    """How s3:// URIs are reached (local paths need nothing)."""
+
     endpoint_url: Optional[str] = _f(None, doc="S3 endpoint; empty = AWS_ENDPOINT_URL or AWS")
-    region: Optional[str] = None
+    region: Optional[str] = _f(None, doc="S3 region; empty = the environment's")
     options: dict[str, Any] = _f(factory=dict, doc="extra fsspec options (never recorded in outputs)")
+    allow_unconditional_create: bool = _f(
+        False, doc="run on a store that does not honour create-if-absent (S3 If-None-Match), which the commits and "
+                   "the run's lease rely on; first writer wins is then not guaranteed")
 
 
 @dataclass
@@ -284,7 +362,9 @@ class Config:
         out["baselines"]["recover"] = {name: {k: v for k, v in rc.items() if k != "name"}
                                        for name, rc in resolved.items()}
         if redact:
+            from prism_ray.redaction import redact as redact_uris  # credentials inside any URI
             out["storage"]["options"] = {k: "***" for k in out["storage"]["options"]}
+            out = redact_uris(out)
         return out
 
     _baseline_recovers: dict = field(default_factory=dict, repr=False)
@@ -302,6 +382,14 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"run.stages[{i}]", f"got {stage!r}; allowed: {', '.join(STAGES)}")
     if not cfg.run.output.strip():
         raise ConfigError("run.output", "must be a path or URI")
+    from prism_ray.redaction import redact_uri
+    for path, uri in (("run.output", cfg.run.output), ("data.root", cfg.data.root), ("data.train", cfg.data.train),
+                      ("data.val", cfg.data.val), ("data.index", cfg.data.index)):
+        if uri and "://" in uri and uri.split("://", 1)[0].lower() in ("s3", "s3a", "gs", "gcs", "az", "abfs") \
+                and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+            raise ConfigError(path, f"{redact_uri(uri)} holds credentials (user:password@); prism-ray takes storage "
+                                    f"credentials from the environment (AWS_ACCESS_KEY_ID, ...) or storage.options, "
+                                    f"never from a URI, where they would be logged")
 
     d = cfg.data
     if d.dataset in ("image_folder", "parquet") and not d.train:
@@ -312,9 +400,13 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.{name}", f"needs {d.channels} values (data.channels), got {len(v)}")
     if d.std is not None and any(s <= 0 for s in d.std):
         raise ConfigError("data.std", "values must be > 0")
+    if d.resize is not None and d.resize < d.resolution:
+        raise ConfigError("data.resize", f"got {d.resize}; the shorter side must be at least data.resolution "
+                                         f"({d.resolution}) for the centre crop")
 
     names = [t.name for t in cfg.teachers.models]
     for i, spec in enumerate(cfg.teachers.models):
+        _plain_name(spec.name, f"teachers.models[{i}].name", "a teacher name")
         if names.index(spec.name) != i:
             raise ConfigError(f"teachers.models[{i}].name", f"{spec.name!r} is used twice; names must be unique")
         if spec.arch not in ARCHITECTURES:
@@ -361,6 +453,10 @@ def validate(cfg: Config) -> None:
     if cfg.evaluate.batch_size % cfg.relabel.mix_group:
         raise ConfigError("evaluate.batch_size", f"must be a multiple of relabel.mix_group ({cfg.relabel.mix_group}),"
                                                  f" got {cfg.evaluate.batch_size}")
+    if cfg.evaluate.batch_size % cfg.evaluate.accumulation_steps:
+        raise ConfigError("evaluate.accumulation_steps",
+                          f"must divide evaluate.batch_size ({cfg.evaluate.batch_size}) into equal micro-batches, got "
+                          f"{cfg.evaluate.accumulation_steps}")
     if cfg.relabel.epochs is not None and cfg.relabel.epochs < cfg.evaluate.epochs:
         raise ConfigError("relabel.epochs", f"must cover evaluate.epochs ({cfg.evaluate.epochs}), got "
                                             f"{cfg.relabel.epochs}")
@@ -399,9 +495,14 @@ def check_data_facts(cfg: Config, num_classes: int, class_counts: Optional[list[
 
 
 def _set_name(name: str, path: str) -> None:
-    if not SET_NAME.fullmatch(name) or "--" in name:
-        raise ConfigError(path, f"got {name!r}; a set name is 1-64 letters, digits, '_', '.' or '-', starting with "
-                                f"a letter or digit, without '--' (it becomes a storage path)")
+    _plain_name(name, path, "a set name")
+
+
+def _plain_name(name: Any, path: str, what: str) -> None:
+    """Names that become storage keys and unit ids: no '/', no '..', nothing that splits a unit id."""
+    if not isinstance(name, str) or not SET_NAME.fullmatch(name) or "--" in name or ".." in name:
+        raise ConfigError(path, f"got {name!r}; {what} is 1-64 letters, digits, '_', '.' or '-', starting with a "
+                                f"letter or digit, without '--' or '..' (it becomes a storage path)")
 
 
 def _torchvision_weights(spec: TeacherSpec, data: DataConfig, path: str) -> None:

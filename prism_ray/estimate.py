@@ -13,7 +13,8 @@ FlopCounterMode counts matrix and convolution FLOPs (2 per multiply-add); BN sta
 the optimizer are memory-bound extras that the efficiency absorbs. Time = FLOPs / (peak x efficiency),
 where the efficiency is the fraction of the GPU's dense bf16 peak a stage achieves: measured, from a
 bench JSON written on that GPU (bench/gpu_recover.py), or assumed (ASSUMED_EFFICIENCY), and the bill
-says which.
+says which. A stage that runs in fp32 (recover.precision, evaluate.precision; relabel and squeeze always)
+gets FP32_PEAK_FRACTION of that peak.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ GPU_PEAK_TFLOPS = {
 # recover is put lower for its memory-bound BN statistics and depthwise teachers, relabel (inference only)
 # higher. A measurement on the GPU replaces these.
 ASSUMED_EFFICIENCY = {"squeeze": 0.12, "recover": 0.08, "relabel": 0.15, "evaluate": 0.12}
+
+# A stage in fp32 runs its convolutions as TF32 on tensor cores (cuDNN's default in PyTorch), whose dense peak
+# is half the bf16 one on every GPU above (A100 156 vs 312, H100 SXM 494 vs 989, L4 60 vs 121 TFLOP/s).
+FP32_PEAK_FRACTION = 0.5
 
 
 def gpu_peak(name: str) -> tuple[str, float]:
@@ -116,6 +121,7 @@ class StageBill:
     gpu_hours: float = 0.0
     efficiency: float = 0.0
     source: str = ""
+    precision: str = "fp32"  # bf16: the bf16 peak; fp32: FP32_PEAK_FRACTION of it (TF32 convolutions)
 
     def wall_hours(self, gpus: int) -> float:
         """Wall time on `gpus` GPUs: the units spread evenly, but never shorter than the largest unit."""
@@ -165,7 +171,7 @@ def recover_bill(cfg: Config, name: str, rc: RecoverConfig, num_classes: int) ->
         largest = max(largest, its * max(groups))
     return StageBill(f"recover/{name}", "recover", image_steps * per_image_step, rc.ipc * len(groups),
                      largest * per_image_step,
-                     f"{image_steps:,} image-steps x {per_image_step / 1e9:.2f} GFLOP")
+                     f"{image_steps:,} image-steps x {per_image_step / 1e9:.2f} GFLOP", precision=rc.precision)
 
 
 def bill(cfg: Config, num_classes: int, gpu: str = "H200", efficiency: Optional[float] = None,
@@ -216,7 +222,8 @@ def bill(cfg: Config, num_classes: int, gpu: str = "H200", efficiency: Optional[
         out.stages.append(StageBill("evaluate", "evaluate", total, runs * len(e.students),
                                     per_run / len(e.students),
                                     f"{runs * len(e.students)} student trainings x {e.epochs} epochs x "
-                                    f"{n_images:,} images" + (" (+ live teacher forwards)" if live else "")))
+                                    f"{n_images:,} images" + (" (+ live teacher forwards)" if live else ""),
+                                    precision=e.precision))
         out.notes.append("evaluate: validation and diversity passes are not billed (a few forward passes)")
     measured = load_bench(name, bench_files)
     for s in out.stages:
@@ -226,7 +233,8 @@ def bill(cfg: Config, num_classes: int, gpu: str = "H200", efficiency: Optional[
             s.efficiency, s.source = measured[s.kind]
         else:
             s.efficiency, s.source = ASSUMED_EFFICIENCY[s.kind], "assumed"
-        s.gpu_hours = s.flops / (peak * 1e12 * s.efficiency) / 3600.0
+        rate = peak * (1.0 if s.precision == "bf16" else FP32_PEAK_FRACTION)
+        s.gpu_hours = s.flops / (rate * 1e12 * s.efficiency) / 3600.0
     return out
 
 
@@ -262,7 +270,8 @@ def bill_lines(b: Bill, gpus: Optional[int] = None) -> list[str]:
              f"config's resolution:"]
     for s in b.stages:
         wall = f", {_hours(s.wall_hours(gpus))} wall on {gpus} GPUs" if gpus else ""
-        lines.append(f"  {s.stage}: {_flops(s.flops)} ({s.detail}) at {s.efficiency:.0%} of peak "
+        rate = "" if s.precision == "bf16" else f" x {FP32_PEAK_FRACTION:g} (fp32: TF32 convolutions)"
+        lines.append(f"  {s.stage}: {_flops(s.flops)} ({s.detail}) at {s.efficiency:.0%} of peak{rate} "
                      f"[{s.source}] = {_gpu_time(s.gpu_hours)}{wall}")
     total = f"  total: {_gpu_time(b.gpu_hours)}"
     if gpus:

@@ -30,11 +30,12 @@ import pyarrow.parquet as pq
 from prism_ray.data.set_source import export_folder_names
 from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
+from prism_ray.stages.evaluate import DIVERSITY_PREFIX, STUDENTS_PREFIX
 from prism_ray.stages.image_sets import set_manifest_rows, verified_chunks
 from prism_ray.stages.imported import read_summary
 from prism_ray.stages.relabel import RELABEL_PREFIX
 from prism_ray.stats import mean_std
-from prism_ray.storage import COMBINED, Storage, sha256
+from prism_ray.storage import ShardStore, Storage, sha256
 
 FORMATS = ("imagefolder", "parquet")
 SHARD_BYTES = 256 << 20  # image bytes per Parquet file
@@ -74,7 +75,7 @@ def export_set(run: Storage, set_name: str, target: Storage, fmt: str, soft_labe
         raise StageError(f"no prism-ray run at {run.uri()} (no {RUN_RECORD})")
     record = run.read_json(RUN_RECORD)
     class_names = list(record["context"]["class_names"])
-    rows = set_manifest_rows(run, set_name)
+    store, rows = set_manifest_rows(run, set_name)
     existing = [k for k in target.list("") if not posixpath.basename(k).startswith(".")]
     if existing:
         raise StageError(f"--to {target.uri()} already holds files ({', '.join(existing[:3])}); export into an empty "
@@ -83,7 +84,7 @@ def export_set(run: Storage, set_name: str, target: Storage, fmt: str, soft_labe
     folders = export_folder_names(class_names)
     written: list[str] = []
     if fmt == "imagefolder":
-        for start, blobs in verified_chunks(run, set_name, rows):
+        for start, blobs in verified_chunks(store, rows):
             for r, blob in zip(rows[start:start + len(blobs)], blobs):
                 key = f"{folders[r['class_id']]}/{file_name(r)}"
                 target.write_bytes(key, blob)
@@ -92,13 +93,11 @@ def export_set(run: Storage, set_name: str, target: Storage, fmt: str, soft_labe
         parts = shards(rows)
         for i, part in enumerate(parts):
             key = f"data/train-{i:05d}-of-{len(parts):05d}.parquet"
-            target.write_bytes(key, parquet_shard(run, set_name, part, class_names, folders))
+            target.write_bytes(key, parquet_shard(store, part, class_names, folders))
             written.append(key)
     for r in labels:
         key = f"{SOFT_LABELS}/{set_name}-epochs-{r['epoch_start']:04d}-{r['epoch_stop'] - 1:04d}.parquet"
-        blob = run.read_bytes(f"{RELABEL_PREFIX}/{r['path']}")
-        if sha256(blob) != r["sha256"]:
-            raise StageError(f"{run.uri(RELABEL_PREFIX)}/{r['path']}: checksum differs from its manifest")
+        blob = ShardStore(run, RELABEL_PREFIX).read_output(r)  # checked against its manifest's sha256
         target.write_bytes(key, blob)
         written.append(key)
     target.write_json(CLASSES, {"names": class_names, "folders": folders})
@@ -111,9 +110,9 @@ def export_set(run: Storage, set_name: str, target: Storage, fmt: str, soft_labe
             "soft_label_files": len(labels)}
 
 
-def parquet_shard(run: Storage, set_name: str, rows: list[dict], class_names: list[str], folders: list[str]) -> bytes:
+def parquet_shard(store: ShardStore, rows: list[dict], class_names: list[str], folders: list[str]) -> bytes:
     images, labels, ipcs = [], [], []
-    for start, blobs in verified_chunks(run, set_name, rows):
+    for start, blobs in verified_chunks(store, rows):
         for r, blob in zip(rows[start:start + len(blobs)], blobs):
             images.append({"bytes": blob, "path": f"{folders[r['class_id']]}/{file_name(r)}"})
             labels.append(r["class_id"])
@@ -130,7 +129,7 @@ def parquet_shard(run: Storage, set_name: str, rows: list[dict], class_names: li
 def soft_label_rows(run: Storage, set_name: str) -> list[dict]:
     """The relabel manifest's rows of the set's label files, in epoch order."""
     try:
-        table = run.read_table(f"{RELABEL_PREFIX}/{COMBINED}")
+        table = ShardStore(run, RELABEL_PREFIX).read_combined()
     except FileNotFoundError:
         raise StageError(f"{run.uri()} has no complete stored soft labels (relabel.mode live, or the relabel stage "
                          f"has not finished); export without --soft-labels") from None
@@ -179,7 +178,7 @@ def method_lines(run: Storage, cfg: dict, set_name: str) -> list[str]:
 
 def accuracy_lines(run: Storage, set_name: str, cfg: dict) -> list[str]:
     try:
-        results = [r for r in run.read_table(f"evaluate/students/{COMBINED}").to_pylist() if r["set"] == set_name]
+        results = [r for r in ShardStore(run, STUDENTS_PREFIX).read_combined().to_pylist() if r["set"] == set_name]
     except FileNotFoundError:
         results = []
     if not results:
@@ -215,7 +214,7 @@ def dataset_card(run: Storage, record: dict, set_name: str, rows: list[dict], fm
     front = (["---", f"pretty_name: {cfg['run']['name']} {set_name}", "configs:", "- config_name: default",
               "  data_files:", "  - split: train", "    path: data/*.parquet", "---", ""] if fmt == "parquet" else [])
     try:
-        diversity = next((r for r in run.read_table(f"evaluate/diversity/{COMBINED}").to_pylist()
+        diversity = next((r for r in ShardStore(run, DIVERSITY_PREFIX).read_combined().to_pylist()
                           if r["set"] == set_name), None)
     except FileNotFoundError:
         diversity = None

@@ -3,8 +3,10 @@
 The estimates come from the networks themselves (parameter counts and the sizes of their layers' outputs
 for the configured batch and resolution, traced on the meta device: no memory, no compute) plus what each
 worker holds by design (DESIGN.md section 8): one uint8 image set, streamed validation and diversity
-batches, and the teachers it loads. They are what `plan` prints and what a stage checks against the
-connected cluster's nodes before it starts.
+batches, and the teachers it loads. On top of what those tensors take, a process holds what the allocator
+keeps of freed memory (ALLOCATOR_SLACK) and its own code (PROCESS_BASE): both measured on real workers
+(bench/worker_bounds.py, tests/test_worker_bounds.py), so that the figure is a bound. They are what `plan`
+prints and what a stage checks against the connected cluster's nodes before it starts.
 """
 from __future__ import annotations
 
@@ -17,9 +19,16 @@ from prism_ray.algo.teachers import ModelShape, build_model
 from prism_ray.config import STAGES, Config
 
 GiB = 2 ** 30
-PROCESS_BASE = 1 * GiB  # a worker process with torch, torchvision, Ray and pyarrow imported: ~0.8 GB measured
+PROCESS_BASE = int(1.25 * GiB)  # a Ray worker process with torch, torchvision, pyarrow and s3fs imported, its
+# networks built: its peak RSS before any batch (bench/worker_bounds.py)
+ALLOCATOR_SLACK = 1.2  # host memory a process holds per byte of tensors at its peak: what the allocator keeps
+# of freed blocks, and the short-lived copies between the tensors counted here (bench/worker_bounds.py)
 CUDA_CONTEXT = int(0.6 * GiB)  # the CUDA context and cuDNN/cuBLAS workspaces of one process
 LOADER_PREFETCH = 2  # batches each DataLoader worker keeps ready (torch's default prefetch_factor)
+# A recover step holds its teachers' layer outputs for backward, their gradients as backward goes, and the BN
+# statistics' transient copies (centred squares, their gradients): 2.5 times the layers' outputs at the peak
+# measured at ImageNet shape (bench/worker_bounds.py), where 2 times fell short.
+RECOVER_ACTIVATIONS = 2.5
 
 
 def peak_rss_bytes() -> int:
@@ -104,17 +113,18 @@ def set_bytes(cfg: Config, num_classes: int) -> int:
 
 
 def _place(kind: str, cfg: Config, host_part: int, device_part: int, holds: str) -> WorkerMemory:
-    """On a GPU worker the device part sits on the GPU (the CUDA context too); on a CPU worker, in host memory."""
+    """On a GPU worker the device part sits on the GPU (the CUDA context too); on a CPU worker, in host memory.
+    Host tensors take ALLOCATOR_SLACK times their size in resident memory (GPU memory is counted as allocated:
+    the caching allocator's reserve is the GPU reserve `image_sets` keeps)."""
     if cfg.ray.gpus_per_worker > 0:
-        return WorkerMemory(kind, PROCESS_BASE + host_part, CUDA_CONTEXT + device_part, holds)
-    return WorkerMemory(kind, PROCESS_BASE + host_part + device_part, 0, holds)
+        return WorkerMemory(kind, PROCESS_BASE + int(ALLOCATOR_SLACK * host_part), CUDA_CONTEXT + device_part, holds)
+    return WorkerMemory(kind, PROCESS_BASE + int(ALLOCATOR_SLACK * (host_part + device_part)), 0, holds)
 
 
 def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None) -> list[WorkerMemory]:
     """Each worker kind that `stages` (default: run.stages) start, with its peak memory."""
     d = cfg.data
     shape = (num_classes, d.channels, d.resolution)
-    amp = 0.5 if cfg.ray.gpus_per_worker > 0 and cfg.recover.amp else 1.0  # bf16 activations on a GPU
     out = []
     stages = set(cfg.run.stages if stages is None else stages)
     if "squeeze" in stages and any(t.weights == "squeeze" for t in cfg.teachers.models):
@@ -134,7 +144,11 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
             if rc.selection == "fixed":
                 drawn = list(dict.fromkeys([rc.primary, *rc.fixed]))
             acts = sum(network_bytes(cfg.teacher(n).arch, *shape, rc.class_group)[1] for n in drawn)
-            need = max(need, params + int(2 * acts * amp))  # saved activations and their gradients
+            amp = 0.5 if rc.precision == "bf16" else 1.0  # bf16 activations
+            # the batch being optimized: pixels, their gradient and Adam's two moments (fp32, whatever the
+            # precision), and the step's augmented view with its crop, flip and roll copies
+            batch = rc.class_group * d.channels * d.resolution ** 2 * 4
+            need = max(need, params + int(RECOVER_ACTIVATIONS * acts * amp) + (4 + 4) * batch)
         out.append(_place("recover", cfg, 0, need, f"teacher pool and a {cfg.recover.class_group}-image batch's "
                                                   f"activations with gradients"))
     sets = set_bytes(cfg, num_classes)
@@ -148,9 +162,12 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
     if "evaluate" in stages:
         e = cfg.evaluate
         live = _inference_bytes(label_teachers, shape, e.batch_size) if cfg.relabel.mode == "live" else 0
-        # training and scoring take turns: the larger of the two is the peak
-        student = max(max(_train_bytes(a, shape, e.batch_size, amp, optimizer_states=2),
-                          int(_inference_bytes([a], shape, e.val_batch_size) * amp)) for a in e.students)
+        # training and scoring take turns: the larger of the two is the peak. A micro-batch's activations are
+        # held at a time (evaluate.accumulation_steps); bf16 autocast halves them; scoring runs fp32
+        student_amp = 0.5 if e.precision == "bf16" else 1.0
+        micro = -(-e.batch_size // e.accumulation_steps)
+        student = max(max(_train_bytes(a, shape, micro, student_amp, optimizer_states=2),
+                          _inference_bytes([a], shape, e.val_batch_size)) for a in e.students)
         loader = max(1, int(cfg.ray.cpus_per_worker)) * LOADER_PREFETCH * e.val_batch_size * d.channels * \
             d.resolution ** 2 * 4
         # a stored shard's file, one epoch decoded from it, and that epoch's labels as float32 for the loss
@@ -160,9 +177,10 @@ def worker_memory(cfg: Config, num_classes: int, stages: list[str] | None = None
                           "one uint8 set, the student in training, validation batches, one epoch's labels"))
         net = cfg.teacher(cfg.evaluate.diversity_network or cfg.recover.primary).arch
         batch = e.val_batch_size * d.channels * d.resolution ** 2 * 4  # the float batch fed to the network
-        out.append(_place("diversity", cfg, 0, sets + batch + int(_inference_bytes([net], shape, e.val_batch_size)
-                                                                 * amp),
-                          f"one uint8 set and the feature network on batches of {e.val_batch_size}"))
+        # the real images it compares with are streamed like validation batches: the same loader prefetch
+        out.append(_place("diversity", cfg, loader, sets + batch + _inference_bytes([net], shape, e.val_batch_size),
+                          f"one uint8 set, the feature network on batches of {e.val_batch_size}, streamed "
+                          f"real-image batches"))
     return out
 
 

@@ -6,7 +6,7 @@ Figures: shards and images per recover set, optimization steps, teacher forward+
 from __future__ import annotations
 
 from prism_ray.algo.schedule import iterations_for
-from prism_ray.config import Config, RecoverConfig
+from prism_ray.config import Config, RecoverConfig, resolved_resize
 from prism_ray.estimate import expected_extra_teachers
 from prism_ray.formatting import human_bytes
 
@@ -42,7 +42,9 @@ def describe(cfg: Config, num_classes: int | None = None) -> str:
     n = num_classes or num_classes_for(cfg)
     d = cfg.data
     lines = [f"run {cfg.run.name} -> {cfg.run.output}",
-             f"data: {d.dataset}, {n} classes, {d.channels}x{d.resolution}x{d.resolution}"]
+             f"data: {d.dataset}, {n} classes, {d.channels}x{d.resolution}x{d.resolution}"
+             + (f" (real images: shorter side {resolved_resize(d)}, centre crop {d.resolution})"
+                if resolved_resize(d) != d.resolution else "")]
     squeeze = [t.name for t in cfg.teachers.models if t.weights == "squeeze"]
     if "squeeze" in cfg.run.stages and squeeze:
         lines.append(f"squeeze: train {len(squeeze)} teacher(s) ({', '.join(squeeze)}) for {cfg.squeeze.epochs:g} "
@@ -84,6 +86,7 @@ def describe(cfg: Config, num_classes: int | None = None) -> str:
     from prism_ray.memory import worker_memory
     where = (f"{cfg.ray.gpus_per_worker:g} GPU, {cfg.ray.cpus_per_worker:g} CPU" if cfg.ray.gpus_per_worker else
              f"{cfg.ray.cpus_per_worker:g} CPU, no GPU")
-    lines.append(f"memory per worker ({where}; estimated from the networks' sizes, an upper bound):")
+    lines.append(f"memory per worker ({where}; from the networks' sizes plus measured overheads, a bound real workers "
+                 f"stayed under in bench/worker_bounds.py):")
     lines += [f"  {w.describe()}" for w in worker_memory(cfg, n)]
     return "\n".join(lines)

@@ -10,33 +10,34 @@ import torch
 
 from prism_ray.algo.teachers import ModelShape, TeacherError, build_model, torchvision_weights
 from prism_ray.config import Config, ConfigError, check_data_facts
+from prism_ray.lease import LEASE_PREFIX
 from prism_ray.runs import RUN_RECORD
-from prism_ray.stages.base import RunContext, Stage, StageError
-from prism_ray.storage import Storage
-from prism_ray.teacher_pool import checkpoint_key, load_teacher, model_shape
+from prism_ray.stages.base import RunContext, Stage, StageError, classify_change, identity, stale_message
+from prism_ray.storage import ShardStore, Storage
+from prism_ray.teacher_pool import SQUEEZE_PREFIX, load_teacher, model_shape
 
 # What a run writes at its top level: anything else in an output without run.json is somebody else's.
-RUN_ENTRIES = {RUN_RECORD, "data", "squeeze", "recover", "relabel", "evaluate", "report", "logs"}
+RUN_ENTRIES = {RUN_RECORD, LEASE_PREFIX, "data", "squeeze", "recover", "relabel", "evaluate", "report", "logs"}
 
 
-def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage],
-              fresh: bool = False) -> list[str]:
+def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[Stage], fresh: bool = False,
+              all_stages: list[Stage] | None = None) -> list[str]:
     """Raise a one-line error (ConfigError, StageError, TeacherError, StorageError) for anything that would make
     `stages` fail for a reason the user must fix; nothing is left in the run (the writability probe is last).
+    all_stages: every stage of the config (default `stages`), to check the upstream outputs `stages` read.
     Returns what the stages' own checks found, to show (an imported set's images per class)."""
     check_foreign_output(storage)
     recovering = any(s.kind == "recover" for s in stages)
     check_data_facts(cfg, context.num_classes, context.train_counts if recovering else None)
+    by_prefix = {s.prefix: s for s in (all_stages or stages)}
     produced: set[str] = set()
     teachers: dict[str, str] = {}  # teacher name -> the first stage that loads it
-    notes = [note for stage in stages if (note := stage.prepare(fresh=fresh))]
+    notes = [note for stage in stages if (note := stage.check_source(fresh=fresh))]
     for stage in stages:
-        for key, todo in stage.inputs().items():
-            if key not in produced and not storage.exists(key):
-                raise StageError(f"{stage.name}: {todo} ({storage.uri(key)} is missing)")
+        check_lineage(stage, by_prefix, produced, fresh)
         for name in stage.teachers_read():
             teachers.setdefault(name, stage.name)
-        produced.update(stage.outputs())
+        produced.add(stage.prefix)
         if not fresh:
             stage.refuse_changed_config()
     for name, stage_name in teachers.items():
@@ -50,6 +51,41 @@ def preflight(cfg: Config, storage: Storage, context: RunContext, stages: list[S
             check_resolution(arch, shape, f"evaluate.students[{j}]")
     storage.check_writable()
     return notes
+
+
+def check_lineage(stage: Stage, by_prefix: dict[str, Stage], produced: set[str], fresh: bool) -> None:
+    """The upstream outputs `stage` would read are complete, made with what the current config says, and (unless
+    `fresh`) the very ones its committed outputs were made from. Upstream stages that run earlier in this
+    invocation (`produced`) are checked when `stage` binds to them, right before it runs."""
+    storage = stage.storage
+    messages = stage.inputs()
+    for up in stage.upstream():
+        if up in produced:
+            continue
+        store = ShardStore(storage, up)
+        record = store.record()
+        if up == SQUEEZE_PREFIX and (record is None or not store.complete()):
+            continue  # check_teacher says what is missing, naming the teacher
+        if record is None or not store.complete():
+            raise StageError(f"{stage.name}: {messages.get(up, f'{up} is not complete; run it first')} "
+                             f"({storage.uri(up)} is not complete)")
+        upstream_stage = by_prefix.get(up)
+        if upstream_stage is not None and record["config"] != upstream_stage.current_config():
+            change = classify_change(record["config"], upstream_stage.current_config())
+            rerun = f"prism-ray {upstream_stage.kind} CONFIG" + ("" if change.is_growth else " --fresh")
+            raise StageError(f"{stage.name}: reads {up}, whose outputs were made with another config (differing: "
+                             f"{', '.join(change.describe(with_growth=True)[:8])}); run that stage for this config first ({rerun})")
+    if fresh:
+        return
+    own = stage.record()
+    if not own or not own.get("upstream"):
+        return
+    if not ShardStore(storage, stage.prefix, generation=own["generation"]).committed():
+        return
+    changed = [up for up in stage.upstream() if up not in produced
+               and own["upstream"].get(up) != identity(storage, up)]
+    if changed:
+        raise StageError(stale_message(stage, changed))
 
 
 def check_foreign_output(storage: Storage) -> None:
@@ -69,7 +105,7 @@ def check_teacher(cfg: Config, storage: Storage, context: RunContext, name: str,
     shape = model_shape(cfg, context.num_classes)
     if spec.weights == "random":
         return
-    if spec.weights == "squeeze" and checkpoint_key(name) in produced:
+    if spec.weights == "squeeze" and SQUEEZE_PREFIX in produced:
         return  # an earlier stage of this invocation trains it
     if spec.weights.startswith("torchvision:"):
         weights = torchvision_weights(spec.arch, spec.weights.split(":", 1)[1])

@@ -14,25 +14,56 @@ import sys
 from collections import defaultdict
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from prism_ray.runs import RUN_RECORD
-from prism_ray.stages.base import StageError
-from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, STUDENTS_PREFIX
+from prism_ray.stages.base import StageError, identity
+from prism_ray.stages.evaluate import DIVERSITY_PREFIX, REAL, REPORT, STUDENTS_PREFIX
 from prism_ray.stages.imported import read_summary
 from prism_ray.stages.recover import recover_prefix
+from prism_ray.stages.relabel import RELABEL_PREFIX
 from prism_ray.stats import mean_std, paired_difference
-from prism_ray.storage import COMBINED, Storage
+from prism_ray.storage import ShardStore, Storage
 
-REPORT = "report"
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
 
-def _table(storage: Storage, key: str) -> list[dict]:
+def _combined(storage: Storage, prefix: str) -> list[dict]:
+    """The rows of a complete stage's combined manifest ([] while it is not complete)."""
     try:
-        return storage.read_table(key).to_pylist()
+        return ShardStore(storage, prefix).read_combined().to_pylist()
     except FileNotFoundError:
         return []
+
+
+def _output_table(storage: Storage, prefix: str, row: dict) -> list[dict]:
+    """The Parquet output one manifest row names, checked against its sha256."""
+    return pq.read_table(pa.BufferReader(ShardStore(storage, prefix).read_output(row))).to_pylist()
+
+
+def lineage(storage: Storage) -> list[dict]:
+    """What the evaluate stages were made from, checked: every upstream output each of them recorded must be the
+    one the run holds now (a report never mixes outputs of two lineages). One row per stage: its generation,
+    config digest and the identities of its upstream outputs."""
+    rows = []
+    for prefix in (RELABEL_PREFIX, DIVERSITY_PREFIX, STUDENTS_PREFIX):
+        record = ShardStore(storage, prefix).record()
+        if record is None:
+            continue
+        made_from = record.get("upstream") or {}
+        for up, recorded in sorted(made_from.items()):
+            now = identity(storage, up)
+            if now != recorded:
+                was = f"generation {recorded['generation']}" if recorded else "an incomplete stage"
+                is_now = f"generation {now['generation']}" if now else "not complete"
+                raise StageError(f"{storage.uri()}: the run's outputs are of two lineages: {prefix} was made from "
+                                 f"{up} {was}, which is now {is_now}; rerun the evaluate stage (prism-ray evaluate "
+                                 f"CONFIG --fresh) before reporting")
+        rows.append({"stage": prefix, "generation": record["generation"], "config": record.get("config_digest"),
+                     "upstream": {up: {"generation": v["generation"], "config": v["config"]} if v else None
+                                  for up, v in sorted(made_from.items())}})
+    return rows
 
 
 def collect(storage: Storage) -> dict:
@@ -41,7 +72,7 @@ def collect(storage: Storage) -> dict:
         raise StageError(f"no prism-ray run at {storage.uri()}")
     record = storage.read_json(RUN_RECORD)
     cfg = record["config"]
-    results = _table(storage, f"{STUDENTS_PREFIX}/{COMBINED}")
+    results = _combined(storage, STUDENTS_PREFIX)
     if not results:
         raise StageError(f"{storage.uri()}: the evaluate stage has no complete results yet; run it first")
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
@@ -56,26 +87,34 @@ def collect(storage: Storage) -> dict:
     for (set_name, student), rows in sorted(groups.items(), key=lambda kv: (order[kv[0][0]], kv[0][1])):
         t1, s1 = mean_std([r["top1"] for r in rows])
         t5, s5 = mean_std([r["top5"] for r in rows])
-        accuracy.append({"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
-                         "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)})
-    diversity_rows = sorted(_table(storage, f"{DIVERSITY_PREFIX}/{COMBINED}"),
-                            key=lambda d: order.get(d["set"], len(order)))
+        entry = {"set": set_name, "student": student, "top1_mean": t1, "top1_std": s1, "top5_mean": t5,
+                 "top5_std": s5, "seeds": sorted(r["seed"] for r in rows)}
+        if all(r.get("best_top1") is not None for r in rows):  # runs made before best scores were kept lack them
+            b1, bs1 = mean_std([r["best_top1"] for r in rows])
+            b5, bs5 = mean_std([r["best_top5"] for r in rows])
+            entry.update(best_top1_mean=b1, best_top1_std=bs1, best_top5_mean=b5, best_top5_std=bs5,
+                         best_epochs=sorted(r["best_epoch"] for r in rows),
+                         scored_epochs=max(r["scored_epochs"] for r in rows))
+        accuracy.append(entry)
+    made_from = lineage(storage)
+    diversity_rows = sorted(_combined(storage, DIVERSITY_PREFIX), key=lambda d: order.get(d["set"], len(order)))
     per_class = {}
     for d in diversity_rows:
-        per_class[d["set"]] = _table(storage, f"{DIVERSITY_PREFIX}/per_class/{d['set']}.parquet")
+        per_class[d["set"]] = _output_table(storage, DIVERSITY_PREFIX, d)
     diversity = []
     for d in diversity_rows:
         vals = [r["mean_cosine"] for r in per_class[d["set"]]]
         diversity.append({"set": d["set"], "network": d["network"], "mean_cosine": d["mean_cosine"],
                           "min_class": min(vals), "max_class": max(vals)})
     teachers = [{"teacher": r["teacher"], "arch": r["arch"], "val_top1": r["val_top1"], "train_images":
-                 r["train_images"], "seconds": r["seconds"]} for r in _table(storage, f"squeeze/{COMBINED}")]
+                 r["train_images"], "seconds": r["seconds"]} for r in _combined(storage, "squeeze")]
     set_names = sorted({r["set"] for r in results}, key=lambda n: order[n])
     return {"name": cfg["run"]["name"], "config": cfg, "ipc": cfg["recover"]["ipc"], "results": results,
             "accuracy": accuracy, "paired": paired_comparisons(results, cfg["recover"]["name"]),
             "diversity": diversity, "diversity_per_class": per_class,
             "retention": retention(storage, [n for n in set_names if n != REAL]), "teachers": teachers,
-            "imported": imported_sets(storage, cfg, imported), "compute": compute_by_stage(storage)}
+            "imported": imported_sets(storage, cfg, imported), "compute": compute_by_stage(storage),
+            "lineage": made_from}
 
 
 def imported_sets(storage: Storage, cfg: dict, names: list[str]) -> list[dict]:
@@ -117,7 +156,7 @@ def retention(storage: Storage, sets: list[str]) -> list[dict]:
     convergence); the random-real set, which has neither, is left out."""
     out = []
     for s in sets:
-        rows = [r for r in _table(storage, f"{recover_prefix(s)}/{COMBINED}") if r.get("loss_ce") is not None]
+        rows = [r for r in _combined(storage, recover_prefix(s)) if r.get("loss_ce") is not None]
         if not rows:
             continue
         values = [r["init_ssim"] for r in rows if r.get("init_ssim") is not None]
@@ -134,7 +173,7 @@ def compute_by_stage(storage: Storage) -> list[dict]:
     from prism_ray.status import stage_prefixes
     out = []
     for prefix in stage_prefixes(storage):
-        rows = _table(storage, f"{prefix}/{COMBINED}")
+        rows = _combined(storage, prefix)
         if not rows:
             continue
         seconds = 0.0
@@ -145,12 +184,36 @@ def compute_by_stage(storage: Storage) -> list[dict]:
     return out
 
 
+def _pm(a: dict, key: str) -> str:
+    return f"{100 * a[key + '_mean']:.2f} ± {100 * a[key + '_std']:.2f}"
+
+
 def accuracy_table(figures: dict) -> str:
-    lines = ["| set | student | top-1 (%) | top-5 (%) | seeds |", "|---|---|---|---|---|"]
+    """Final top-1/top-5 (after the last epoch) and, where students were scored during training
+    (evaluate.eval_every), the best top-1 of the scored epochs with that epoch's top-5."""
+    best = any("best_top1_mean" in a and a["scored_epochs"] > 1 for a in figures["accuracy"])
+    head = "| set | student | final top-1 (%) | final top-5 (%) |" + (" best top-1 (%) | its top-5 (%) | at epoch |"
+                                                                       if best else "") + " seeds |"
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for a in figures["accuracy"]:
-        lines.append(f"| {a['set']} | {a['student']} | {100 * a['top1_mean']:.2f} ± {100 * a['top1_std']:.2f} | "
-                     f"{100 * a['top5_mean']:.2f} ± {100 * a['top5_std']:.2f} | {len(a['seeds'])} |")
+        cells = [a["set"], a["student"], _pm(a, "top1"), _pm(a, "top5")]
+        if best:
+            cells += [_pm(a, "best_top1"), _pm(a, "best_top5"), ", ".join(map(str, a["best_epochs"]))] \
+                if "best_top1_mean" in a else ["", "", ""]
+        lines.append("| " + " | ".join(cells) + f" | {len(a['seeds'])} |")
     return "\n".join(lines)
+
+
+def accuracy_note(figures: dict) -> str:
+    """Which accuracy the tables show: final, and best of which epochs."""
+    every = figures["config"]["evaluate"].get("eval_every", 0)
+    epochs = figures["config"]["evaluate"]["epochs"]
+    if not every:
+        return f"Final: scored once, after the last of {epochs} epochs. The paired comparison uses final top-1."
+    return (f"Final: after the last of {epochs} epochs. Best: the highest top-1 over the epochs scored (after "
+            f"epoch e, 0-based, when e % {every} == 0, and after the last: the references' rule, whose best "
+            f"checkpoint is their `model_best`), with that epoch's top-5 and number of epochs trained per seed. "
+            f"A best of several noisy scores is biased upwards; the paired comparison uses final top-1.")
 
 
 def diversity_table(figures: dict) -> str:
@@ -226,16 +289,52 @@ def retention_table(figures: dict) -> str:
     return "\n".join(lines)
 
 
+def headline(figures: dict) -> list[str]:
+    """Per student architecture, one line: the method's top-1 and the method minus each baseline (paired by seed,
+    with the 95 % interval), the numbers a run is for."""
+    paired, accuracy = figures["paired"], figures["accuracy"]
+    method = paired[0]["method"] if paired else accuracy[0]["set"] if accuracy else None
+    lines = []
+    for a in accuracy:
+        if a["set"] != method:
+            continue
+        parts = [f"{method} top-1 {100 * a['top1_mean']:.2f} %"]
+        for p in paired:
+            if p["student"] == a["student"]:
+                interval = f" [{100 * p['low']:+.2f}, {100 * p['high']:+.2f}]" if p["low"] is not None else ""
+                parts.append(f"{method} − {p['baseline']} {100 * p['mean']:+.2f} points{interval}")
+        lines.append(f"{a['student']} student, {len(a['seeds'])} seeds: " + "; ".join(parts))
+    return lines
+
+
+def lineage_table(figures: dict) -> str:
+    """Each evaluate stage and what it was made from (generation / config digest), as checked when reporting."""
+    rows = figures.get("lineage") or []
+    if not rows:
+        return "(no lineage recorded)"
+    lines = ["Every output below was made from exactly these upstream outputs (generation / config digest; checked "
+             "against the run when this report was written):", "", "| stage | generation / config | made from |",
+             "|---|---|---|"]
+    for r in rows:
+        ups = ", ".join(f"{u} {v['generation']} / {v['config']}" if v else f"{u} (none)"
+                        for u, v in r["upstream"].items())
+        lines.append(f"| {r['stage']} | {r['generation']} / {r['config']} | {ups} |")
+    return "\n".join(lines)
+
+
 def markdown(figures: dict) -> str:
     cfg = figures["config"]
     d, e = cfg["data"], cfg["evaluate"]
     parts = [f"# prism-ray report: {figures['name']}", "",
              f"Data: {d['dataset']} ({d['channels']}x{d['resolution']}x{d['resolution']}), IPC {cfg['recover']['ipc']}, "
              f"labels {cfg['relabel']['mode']} from {', '.join(cfg['relabel']['teachers']) or cfg['recover']['primary']}, "
-             f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}).", "",
-             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_table(figures), ""]
+             f"students trained {e['epochs']} epochs ({e['loss']}, {e['optimizer']} lr {e['lr']}, "
+             f"{e.get('schedule', 'cosine')} schedule, batch {e['batch_size']} in {e.get('accumulation_steps', 1)} "
+             f"micro-batch(es), {e.get('precision', 'fp32')}).", "",
+             "## Accuracy on the real validation set (mean ± std over seeds)", "", accuracy_note(figures), "",
+             accuracy_table(figures), ""]
     if len({a["student"] for a in figures["accuracy"]}) > 1:
-        parts += ["Top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
+        parts += ["Final top-1 (%) by set and student architecture:", "", accuracy_matrix(figures), ""]
     if figures.get("imported"):
         parts += ["## Imported sets", "", imported_table(figures), ""]
     parts += ["## Paired comparison", "", paired_table(figures), "",
@@ -248,6 +347,7 @@ def markdown(figures: dict) -> str:
         parts += [f"| {t['teacher']} | {t['arch']} | {100 * t['val_top1']:.2f} | {t['train_images']} | "
                   f"{t['seconds']:.1f} |" for t in figures["teachers"]]
         parts.append("")
+    parts += ["## Lineage", "", lineage_table(figures), ""]
     parts += ["## Compute (sum of unit times, all workers)", "", "| stage | units | seconds |", "|---|---|---|"]
     parts += [f"| {c['stage']} | {c['units']} | {c['seconds']:.1f} |" for c in figures["compute"]]
     return "\n".join(parts) + "\n"
@@ -258,10 +358,10 @@ def sample_grid(storage: Storage, sets: list[str], max_classes: int = 10, scale_
     label_w, pad = 110, 4
     rows = []
     for s in sets:
-        table = _table(storage, f"recover/{s}/{COMBINED}")
+        store = ShardStore(storage, recover_prefix(s))
+        table = _combined(storage, recover_prefix(s))
         picks = sorted((r for r in table if r["ipc_index"] == 0), key=lambda r: r["class_id"])[:max_classes]
-        rows.append((s, [Image.open(io.BytesIO(storage.read_bytes(f"recover/{s}/{r['path']}"))).convert("RGB")
-                         for r in picks]))
+        rows.append((s, [Image.open(io.BytesIO(store.read_output(r))).convert("RGB") for r in picks]))
     cols = max((len(r[1]) for r in rows), default=1)
     grid = Image.new("RGB", (label_w + cols * (scale_to + pad), len(rows) * (scale_to + pad) + pad), "white")
     draw = ImageDraw.Draw(grid)
@@ -309,10 +409,10 @@ def diversity_plot(per_class: dict[str, list[dict]], width_per_bar: int = 9) -> 
     return buf.getvalue()
 
 
-# Columns of a student's manifest row that describe the machine, not the result (times, retries, memory, and
-# where the set was held, which follows the memory free): left out of results.parquet, so that a run repeated
-# with the same seed gives the same results table byte for byte.
-MACHINE_COLUMNS = ("train_seconds", "storage_retries", "peak_rss_bytes", "holding")
+# Columns of a student's manifest row that describe the machine, not the result (times, retries, memory, where the
+# set was held, which follows the memory free, and the attempt that wrote the weights with its key): left out of
+# results.parquet, so that a run repeated with the same seed gives the same results table byte for byte.
+MACHINE_COLUMNS = ("train_seconds", "storage_retries", "peak_rss_bytes", "holding", "attempt", "path")
 
 
 def archive_other_ipc(storage: Storage, ipc: int) -> None:
@@ -349,14 +449,14 @@ def print_report(storage: Storage, as_json: bool = False, stream=None) -> int:
     figures = collect(storage)
     if as_json:
         print(json.dumps({k: figures[k] for k in ("accuracy", "paired", "diversity", "retention", "teachers",
-                                                  "imported", "compute")}, indent=2), file=stream)
+                                                  "imported", "compute", "lineage")}, indent=2), file=stream)
         return 0
-    tables = [accuracy_table, *([imported_table] if figures["imported"] else []), paired_table, diversity_table,
-              retention_table]
+    tables = [accuracy_note, accuracy_table, *([imported_table] if figures["imported"] else []), paired_table,
+              diversity_table, retention_table, lineage_table]
     for table in tables:
         print(table(figures), file=stream)
         print("", file=stream)
     return 0
 
 
-__all__ = ["REAL", "collect", "write_report", "print_report"]
+__all__ = ["REAL", "collect", "headline", "write_report", "print_report"]

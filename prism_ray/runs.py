@@ -12,7 +12,7 @@ from prism_ray.config import Config
 from prism_ray.data import DataError
 from prism_ray.data.index import DataIndex, build_indexes, load_indexes, resolve_uri, write_indexes
 from prism_ray.stages.base import RunContext
-from prism_ray.storage import Storage
+from prism_ray.storage import Storage, redact, retrying
 
 RUN_RECORD = "run.json"
 DATA_PREFIX = "data"  # RUN/data/{train,val}-index.parquet: the run's data index
@@ -38,7 +38,7 @@ def resolve_data(cfg: Config, storage: Storage, verify: bool = True) -> RunData:
     if cfg.data.index:
         uri = resolve_uri(cfg.data.index)
         return RunData(load_indexes(cfg.data, uri, cfg.storage, shared=True), uri, False)
-    uri = storage.uri(DATA_PREFIX)
+    uri = storage.full_uri(DATA_PREFIX)
     found = load_indexes(cfg.data, uri, cfg.storage)
     if found is not None:
         return RunData(found, uri, False)
@@ -76,14 +76,14 @@ def data_context(cfg: Config, storage: Storage | None = None, write: bool = True
 
 def index_data(cfg: Config, out: str | None = None) -> tuple[str, dict[str, DataIndex]]:
     """`prism-ray index`: list the data afresh into `out` (default: data.index, else RUN/data)."""
-    out = out or cfg.data.index or open_storage(cfg).uri(DATA_PREFIX)
+    out = out or cfg.data.index or open_storage(cfg).full_uri(DATA_PREFIX)
     indexes = build_indexes(cfg.data, cfg.storage)  # nothing is written before the data passes its checks
     target = Storage(out, cfg.storage)
     target.check_writable()
-    write_indexes(target.uri(), indexes, cfg.storage)
+    write_indexes(target.full_uri(), indexes, cfg.storage)
     return target.uri(), indexes
 
 
 def record_run(cfg: Config, storage: Storage, context: RunContext) -> None:
-    storage.write_json(RUN_RECORD, {"config": cfg.to_dict(redact=True), "context": context.to_json(),
-                                    "started": time.time()})
+    record = {"config": cfg.to_dict(redact=True), "context": redact(context.to_json()), "started": time.time()}
+    retrying("the run's record", lambda: storage.write_json(RUN_RECORD, record))

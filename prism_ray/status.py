@@ -9,6 +9,7 @@ import time
 from prism_ray.config import STAGES
 from prism_ray.runs import RUN_RECORD
 from prism_ray.stages.base import StageError
+from prism_ray.lease import current_holder, describe_holder
 from prism_ray.storage import ShardStore, Storage
 
 
@@ -33,6 +34,7 @@ def run_status(storage: Storage) -> dict:
     for prefix in stage_prefixes(storage):
         plan = storage.read_json(f"{prefix}/plan.json")
         store = ShardStore(storage, prefix)
+        record = store.record() or {}
         planned = list(plan["units"])
         committed = store.committed() & set(planned)
         failures = store.failures()  # only units still not committed
@@ -43,12 +45,21 @@ def run_status(storage: Storage) -> dict:
             "committed": len(committed), "missing": len(missing), "failed": len(failures),
             "images_planned": sum(per_unit.values()), "images_committed": sum(per_unit.get(u, 0) for u in committed),
             "failed_storage": sum(1 for v in failures.values() if v.get("kind") == "storage"),
-            "complete": not missing, "combined_manifest": storage.exists(f"{prefix}/manifest.parquet"),
+            "complete": not missing, "combined_manifest": store.complete(),
+            "generation": record.get("generation"), "config_digest": record.get("config_digest"),
+            "made_from": {u: (v or {}).get("generation") for u, v in (record.get("upstream") or {}).items()},
             "missing_units": missing[:50],
             "failures": {k: {"error": v.get("error"), "attempts": v.get("attempts"), "kind": v.get("kind", "compute")}
                          for k, v in failures.items()},
         })
-    return {"run": storage.uri(), "name": record.get("config", {}).get("run", {}).get("name"), "stages": stages}
+    holder = current_holder(storage)
+    lease = None
+    if holder is not None:
+        lease = {"number": holder["number"], "host": holder.get("host"), "pid": holder.get("pid"),
+                 "released": bool(holder.get("released")), "renewed_at": holder.get("renewed_at"),
+                 "describe": describe_holder(holder)}
+    return {"run": storage.uri(), "name": record.get("config", {}).get("run", {}).get("name"), "stages": stages,
+            "lease": lease}
 
 
 def print_status(storage: Storage, as_json: bool = False, stream=None, status: dict | None = None) -> int:
@@ -66,12 +77,40 @@ def print_status(storage: Storage, as_json: bool = False, stream=None, status: d
         print(f"{s['stage']:<28}{s['unit']:>9}{s['planned']:>9}{s['committed']:>11}{s['missing']:>9}"
               f"{s['failed']:>8}{s['failed_storage']:>10}{images:>16}", file=stream)
     for s in st["stages"]:
+        if s.get("generation"):
+            made_from = ", ".join(f"{u} {g}" for u, g in sorted(s["made_from"].items()))
+            print(f"lineage {s['stage']}: generation {s['generation']}, config {s['config_digest']}"
+                  + (f", made from {made_from}" if made_from else ""), file=stream)
+    lease = st.get("lease")
+    if lease:
+        state = "released" if lease["released"] else "held"
+        print(f"driver lease {lease['number']} {state}: {lease['describe']}", file=stream)
+    for s in st["stages"]:
         for uid, f in sorted(s["failures"].items()):
             print(f"failed ({f['kind']}) {s['stage']} {uid} after {f['attempts']} attempt(s): {f['error']}",
                   file=stream)
     if not st["stages"]:
         print("no stage has started yet", file=stream)
     return 0
+
+
+def verify_run(storage: Storage) -> list[str]:
+    """Problems with a run's committed outputs: for every stage, each output every manifest lists must exist with
+    its recorded size and sha256, and every upstream output a stage recorded must be the one the run holds now.
+    Reads every output once (a full scan)."""
+    from prism_ray.stages.base import identity
+
+    problems = []
+    for prefix in stage_prefixes(storage):
+        store = ShardStore(storage, prefix)
+        for sid in sorted(store.committed()):
+            problems += [f"{prefix} {sid}: {p}" for p in store.verify(sid)]
+        record = store.record() or {}
+        for up, recorded in sorted((record.get("upstream") or {}).items()):
+            if store.committed() and identity(storage, up) != recorded:
+                problems.append(f"{prefix}: made from {up} generation {(recorded or {}).get('generation')}, which "
+                                f"the run no longer holds as it was")
+    return problems
 
 
 def run_outcome(st: dict) -> str | None:

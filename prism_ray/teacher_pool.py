@@ -17,11 +17,34 @@ from prism_ray.config import Config, TeacherSpec
 from prism_ray.storage import Storage, filesystem, translate_errors
 
 SQUEEZE_PREFIX = "squeeze"
+RUN_WEIGHTS = "run:"  # weights "run:<RUN_URI>": the teacher of the same name squeezed by another prism-ray run
 
 
-def checkpoint_key(name: str) -> str:
-    """Where squeeze writes teacher `name`'s checkpoint, relative to the run."""
-    return f"{SQUEEZE_PREFIX}/teachers/{name}.pt"
+def checkpoint_path(name: str) -> str:
+    """Where squeeze writes teacher `name`'s checkpoint inside its generation (the key adds the attempt's id)."""
+    return f"teachers/{name}.pt"
+
+
+def squeeze_upstream(cfg: Config, names: Iterable[str]) -> list[str]:
+    """['squeeze'] when one of the teachers `names` is trained by this run's squeeze stage."""
+    return [SQUEEZE_PREFIX] if any(cfg.teacher(n).weights == "squeeze" for n in names) else []
+
+
+def squeezed_checkpoint(storage: Storage, name: str, expected: dict | None = None) -> bytes:
+    """Teacher `name`'s checkpoint from the squeeze stage of the run at `storage`, checked against its manifest
+    (and, with `expected`, from the squeeze outputs the stage was bound to)."""
+    from prism_ray.stages.base import StageError, read_upstream
+
+    try:
+        store, table = read_upstream(storage, SQUEEZE_PREFIX, expected)
+    except StageError:
+        raise TeacherError(f"teacher {name!r}: {storage.uri(SQUEEZE_PREFIX)} has no complete squeeze stage; run "
+                           f"the squeeze stage first (prism-ray squeeze CONFIG)") from None
+    rows = [r for r in table.to_pylist() if r["shard_id"] == name]
+    if not rows:
+        raise TeacherError(f"teacher {name!r}: the squeeze stage at {storage.uri(SQUEEZE_PREFIX)} did not train it; "
+                           f"run the squeeze stage for this config (prism-ray squeeze CONFIG)")
+    return store.read_output(rows[0])
 
 
 def model_shape(cfg: Config, num_classes: int) -> ModelShape:
@@ -51,18 +74,19 @@ def _read_uri(uri: str, cfg: Config) -> bytes:
     return data
 
 
-def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Storage) -> nn.Module:
-    """The model of `spec` with its weights, on the CPU, in train/eval mode as built (not frozen)."""
+def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Storage,
+                 expected: dict | None = None) -> nn.Module:
+    """The model of `spec` with its weights, on the CPU, in train/eval mode as built (not frozen). expected: the
+    identity of this run's squeeze outputs its stage was bound to (`Stage.bind`), for squeezed teachers."""
     w = spec.weights
     where = f"teacher {spec.name!r} ({spec.arch})"
     if w == "squeeze":
-        key = checkpoint_key(spec.name)
-        try:
-            data = storage.read_bytes(key)
-        except FileNotFoundError:
-            raise TeacherError(f"{where}: no squeeze checkpoint at {storage.uri(key)}; run the squeeze stage "
-                               f"first (prism-ray squeeze CONFIG)") from None
-        return load_checkpoint(data, spec.arch, shape, source=f"{where} {storage.uri(key)}")
+        data = squeezed_checkpoint(storage, spec.name, expected)
+        return load_checkpoint(data, spec.arch, shape, source=f"{where} {storage.uri(SQUEEZE_PREFIX)}")
+    if w.startswith(RUN_WEIGHTS):
+        other = Storage(w[len(RUN_WEIGHTS):], cfg.storage)
+        data = squeezed_checkpoint(other, spec.name)
+        return load_checkpoint(data, spec.arch, shape, source=f"{where} {other.uri(SQUEEZE_PREFIX)}")
     if w == "random":  # seeded by name: every worker must hold the same "random" teacher
         return build_model(spec.arch, shape, seed=derive_seed(cfg.run.seed, "random-teacher", spec.name))
     if w.startswith("torchvision:"):
@@ -73,11 +97,12 @@ def load_teacher(spec: TeacherSpec, shape: ModelShape, cfg: Config, storage: Sto
 
 
 def load_pool(names: Iterable[str], shape: ModelShape, cfg: Config, storage: Storage,
-              device: torch.device) -> dict[str, nn.Module]:
-    """Frozen teachers by name, on `device`, each loaded once."""
+              device: torch.device, expected: dict | None = None) -> dict[str, nn.Module]:
+    """Frozen teachers by name, on `device`, each loaded once. expected: the stage's bound upstream identities."""
     pool = {}
+    squeezed = (expected or {}).get(SQUEEZE_PREFIX)
     for name in dict.fromkeys(names):
-        model = load_teacher(cfg.teacher(name), shape, cfg, storage)
+        model = load_teacher(cfg.teacher(name), shape, cfg, storage, squeezed)
         pool[name] = freeze(model).to(device)
     return pool
 

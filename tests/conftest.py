@@ -69,7 +69,7 @@ def small_config(output: str, **sections):
     from prism_ray.config_loader import config_from_dict
 
     raw = {
-        "run": {"name": "test", "output": output, "seed": 0},
+        "run": {"name": "test", "output": output, "seed": 0, "lease_seconds": 5},
         "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "max_per_class": 60, "max_val": 500},
         "teachers": {"models": [{"name": "convnet", "arch": "convnet", "weights": "squeeze"},
                                 {"name": "shufflenet", "arch": "shufflenet_v2_x0_5", "weights": "squeeze"}]},

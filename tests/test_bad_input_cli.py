@@ -50,7 +50,7 @@ def test_recover_without_squeeze_checkpoints_in_a_terminal(tmp_path):
     assert run.stdout == ""
     lines = run.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in run.stderr
-    assert "no squeeze checkpoint" in lines[0] and "run the squeeze stage first" in lines[0]
+    assert "has no complete squeeze stage" in lines[0] and "run the squeeze stage first" in lines[0]
     assert not out.exists()
 
 

@@ -32,7 +32,7 @@ def test_gpu_script_runs_every_variant_at_tiny_sizes(tmp_path):
     for name in ("fp32", "reference_fp32"):
         assert set(variants[name]["members_ms"]) == {"resnet18", "mobilenet_v2", "efficientnet_b0",
                                                      "shufflenet_v2_x0_5", "alexnet"}
-    assert variants["bf16_cl"]["amp_effective"] is False  # the engine runs fp32 on a CPU whatever is asked
+    assert variants["bf16_cl"]["amp_effective"] is False  # the script runs its bf16 variants in fp32 on a CPU
     assert variants["bf16_cl_compile"]["compile"] == {"backend": "eager"}
     assert variants["bf16_cl_cudagraphs"] == {"error": "skipped: CUDA graphs need a GPU"}
     conc = variants["concurrent"]

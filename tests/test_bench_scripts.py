@@ -76,3 +76,19 @@ def test_worker_memory_bench():
     units = [p for p in lines[1:] if p["phase"].startswith("units")]
     assert all(p["units"] == 2 and p["shard_mb"] > 0 for p in units)  # 2 epochs, one per shard
     assert all(p["peak_gb"] >= p["rss_gb"] > 0 for p in lines[1:])
+
+
+def test_bf16_effect_bench(tmp_path):
+    out = tmp_path / "bf16.json"
+    proc = run_bench("bf16_effect.py", "--resolution", "32", "--images", "2", "--iterations", "3", "--calibration",
+                     "4", "--student-images", "10", "--student-epochs", "1", "--held-out", "4", "--out", str(out))
+    data = json.loads(out.read_text())
+    rec, stu = data["recover"], data["students"]
+    assert set(rec["psnr_db"]) == {"bf16_vs_fp32", "fp32_other_seed_vs_fp32", "fp32_final_vs_init"}
+    assert rec["psnr_db"]["bf16_vs_fp32"] < float("inf")  # bf16 changed the images: it ran
+    assert [r["teacher"] for r in rec["bn_input_statistics_gap_bf16_vs_fp32"]] == [
+        "resnet18", "mobilenet_v2", "efficientnet_b0", "shufflenet_v2_x0_5"]  # alexnet has no BN layers
+    assert -1.0 <= rec["first_step_gradient_cosine_bf16_vs_fp32"] <= 1.0
+    assert set(stu["held_out_logits"]) == {"bf16_vs_fp32", "fp32_other_init_vs_fp32"}
+    assert stu["weights_relative_gap"]["bf16_vs_fp32"] > 0
+    assert "PSNR bf16 vs fp32" in proc.stdout

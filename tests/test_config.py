@@ -198,7 +198,7 @@ def test_validate_prints_resolved_config(capsys):
     out = yaml.safe_load(capsys.readouterr().out)
     assert out["recover"]["iterations"] == 4000
     sre2l = out["baselines"]["recover"]["sre2l"]  # the baseline with its preset applied, not just {preset: sre2l}
-    assert (sre2l["init"], sre2l["lr"], sre2l["iterations"], sre2l["selection"]) == ("noise", 0.25, 1000, "fixed")
+    assert (sre2l["init"], sre2l["lr"], sre2l["iterations"], sre2l["selection"]) == ("noise", 0.25, 4000, "fixed")
 
 
 def test_imported_sets_join_the_runs_sets_after_its_own():

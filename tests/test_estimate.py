@@ -11,7 +11,8 @@ from prism_ray.config import ConfigError
 from prism_ray.config_loader import load_config
 from prism_ray.estimate import ASSUMED_EFFICIENCY, bill, bill_lines, expected_extra_teachers, gpu_peak, network_flops
 
-IMAGENET = "jobs/configs/imagenet-ipc50.yaml"
+IMAGENET = "jobs/configs/imagenet/resnet18.yaml"
+AT_IPC50 = ["recover.ipc=50"]
 
 
 def test_flop_counts_of_known_networks():
@@ -33,7 +34,7 @@ def test_gpu_names_and_errors():
     assert gpu_peak("RTX-4090")[0] == "RTX 4090"
     with pytest.raises(ConfigError, match="--gpu: unknown GPU 'V100'; allowed: H100, H200"):
         gpu_peak("V100")
-    cfg = load_config(IMAGENET)
+    cfg = load_config(IMAGENET, AT_IPC50)
     with pytest.raises(ConfigError, match="--efficiency"):
         bill(cfg, 1000, "H200", efficiency=1.5)
     with pytest.raises(ConfigError, match="--gpus"):
@@ -41,10 +42,10 @@ def test_gpu_names_and_errors():
 
 
 def test_imagenet_recover_bill_by_hand():
-    cfg = load_config(IMAGENET)
+    cfg = load_config(IMAGENET, AT_IPC50)
     b = bill(cfg, 1000, "A100", bench_files=[])
     stages = {s.stage: s for s in b.stages}
-    assert list(stages) == ["recover/prism", "recover/sre2l", "relabel", "evaluate"]
+    assert list(stages) == ["recover/prism", "recover/sre2l-images", "relabel", "evaluate"]
     fl = {n: network_flops(n, 224, 1000, 3) for n in ("resnet18", "mobilenet_v2", "efficientnet_b0",
                                                       "shufflenet_v2_x0_5")}
     run = {n: f["forward"] + f["backward_input"] for n, f in fl.items()}
@@ -56,9 +57,13 @@ def test_imagenet_recover_bill_by_hand():
     prism = stages["recover/prism"]
     assert prism.flops == pytest.approx(image_steps * per_image_step, rel=1e-9)
     assert prism.units == 500 and prism.source == "assumed"
-    assert prism.gpu_hours == pytest.approx(prism.flops / (312e12 * ASSUMED_EFFICIENCY["recover"]) / 3600)
-    # the SRe2L baseline: the primary alone, 1000 flat iterations
-    assert stages["recover/sre2l"].flops == pytest.approx(1000 * 50 * 1000 * run["resnet18"], rel=1e-9)
+    # fp32 (the reference's precision): TF32 convolutions, at half the bf16 peak
+    assert prism.precision == "fp32"
+    assert prism.gpu_hours == pytest.approx(prism.flops / (0.5 * 312e12 * ASSUMED_EFFICIENCY["recover"]) / 3600)
+    bf16 = bill(load_config(IMAGENET, [*AT_IPC50, "recover.precision=bf16"]), 1000, "A100", bench_files=[])
+    assert bf16.stages[0].gpu_hours == pytest.approx(prism.gpu_hours / 2)
+    # the SRe2L baseline: the primary alone, 4000 flat iterations (SRe2L's recover.sh)
+    assert stages["recover/sre2l-images"].flops == pytest.approx(4000 * 50 * 1000 * run["resnet18"], rel=1e-9)
     # wall time: 500 shards over 16 GPUs is 32 rounds of the average shard, at least the longest shard
     wall = prism.wall_hours(16)
     assert wall == pytest.approx(32 * prism.gpu_hours / 500, rel=1e-9)
@@ -67,7 +72,7 @@ def test_imagenet_recover_bill_by_hand():
 
 
 def test_a_bench_json_from_that_gpu_replaces_the_assumption(tmp_path):
-    cfg = load_config(IMAGENET)
+    cfg = load_config(IMAGENET, AT_IPC50)
     mine = tmp_path / "gpu_recover.json"
     mine.write_text(json.dumps({"gpu": "H200", "efficiency": {"recover": 0.2}}))
     other = tmp_path / "other.json"
@@ -81,7 +86,7 @@ def test_a_bench_json_from_that_gpu_replaces_the_assumption(tmp_path):
 
 
 def test_plan_prints_the_bill_and_wall_time(capsys):
-    assert cli.main(["plan", IMAGENET, "--gpu", "H100", "--gpus", "8"]) == 0
+    assert cli.main(["plan", IMAGENET, "--set", "recover.ipc=50", "--gpu", "H100", "--gpus", "8"]) == 0
     out = capsys.readouterr().out
     assert "recover prism: 500 shards" in out  # the plan's own lines are still there
     assert "GPU-hours on H100 (dense bf16 peak 989 TFLOP/s)" in out

@@ -9,6 +9,7 @@ from prism_ray.cli import main
 from prism_ray.config import ConfigError
 from prism_ray.storage import Storage
 from prism_ray.sweep import load_sweep
+from prism_ray.storage import ShardStore
 from tests.conftest import FMNIST_ROOT
 
 
@@ -63,7 +64,7 @@ def test_points_from_vary_grid_and_points(tmp_path):
     for p in sweep.points:  # the common set, the point's output and the shared squeeze teacher
         assert p.cfg.evaluate.seeds == [0, 1, 2, 3, 4]
         assert p.cfg.run.output == str(tmp_path / "out" / "points" / p.name)
-        assert p.cfg.teacher("convnet").weights == str(tmp_path / "out" / "teachers/squeeze/teachers/convnet.pt")
+        assert p.cfg.teacher("convnet").weights == f"run:{tmp_path / 'out' / 'teachers'}"  # its squeeze manifest
         assert p.cfg.teacher("shuffle").weights == "random"
     assert sweep.points[-1].grow_from == "base"
 
@@ -75,8 +76,7 @@ def test_default_teachers_are_shared_too(tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     sweep = load_sweep(write_sweep(tmp_path, points=[{"name": "a"}]), str(tmp_path / "base.yaml"))
     weights = {t.name: t.weights for t in sweep.points[0].cfg.teachers.models}
-    assert weights == {n: sweep.output + f"/teachers/squeeze/teachers/{n}.pt"
-                       for n in ("convnet", "mobilenet_v2", "shufflenet_v2")}
+    assert weights == {n: f"run:{sweep.output}/teachers" for n in ("convnet", "mobilenet_v2", "shufflenet_v2")}
 
 
 def test_a_point_equal_to_an_earlier_one_is_left_out(tmp_path):
@@ -141,13 +141,13 @@ def swept(tmp_path_factory, ray_local):
 def test_sweep_runs_every_point_with_shared_teachers(swept):
     tmp, base, grid, out = swept
     storage = Storage(out)
-    assert storage.exists("teachers/squeeze/manifests/convnet.parquet")  # trained once, for every point
+    assert ShardStore(storage, "teachers/squeeze").is_committed("convnet")  # trained once, for every point
     for point in ("base", "iterations=5"):
         record = storage.read_json(f"points/{point}/run.json")["config"]
-        assert record["teachers"]["models"][0]["weights"] == storage.uri("teachers/squeeze/teachers/convnet.pt")
-        assert not storage.exists(f"points/{point}/squeeze/teachers")
+        assert record["teachers"]["models"][0]["weights"] == f"run:{storage.uri('teachers')}"
+        assert ShardStore(storage, f"points/{point}/squeeze").committed() == set()
     for s in ("prism", "sre2l"):  # the same budget for both methods
-        rows = storage.read_table(f"points/iterations=5/recover/{s}/manifest.parquet").to_pylist()
+        rows = ShardStore(storage, f"points/iterations=5/recover/{s}").read_combined().to_pylist()
         assert {r["iterations"] for r in rows} == {5}
 
 
@@ -197,11 +197,11 @@ def test_grow_from_reuses_the_earlier_points_shards(swept, capsys):
                         points=[{"name": "ipc2", "set": {"recover.ipc": 2}, "grow_from": "base"}])
     assert main(["sweep", base, "--grid", grown, "--quiet"]) == 0
     for s in ("prism", "sre2l", "random_real"):
-        src, dst = f"points/base/recover/{s}/manifests", f"points/ipc2/recover/{s}/manifests"
-        assert [k.rsplit("/", 1)[-1] for k in storage.list(dst)] == ["ipc0000-cls0000-0003.parquet",
-                                                                      "ipc0001-cls0000-0003.parquet"]
-        assert storage.read_bytes(f"{dst}/ipc0000-cls0000-0003.parquet") == \
-            storage.read_bytes(f"{src}/ipc0000-cls0000-0003.parquet")
+        src, dst = ShardStore(storage, f"points/base/recover/{s}"), ShardStore(storage, f"points/ipc2/recover/{s}")
+        assert sorted(dst.committed()) == ["ipc0000-cls0000-0003", "ipc0001-cls0000-0003"]
+        assert storage.read_bytes(dst.manifest_key("ipc0000-cls0000-0003")) == \
+            storage.read_bytes(src.manifest_key("ipc0000-cls0000-0003"))
+        assert all(dst.verify(sid) == [] for sid in dst.committed())
     rows = storage.read_table("sweep.parquet").to_pylist()
     assert [r["ipc"] for r in rows if r["point"] == "ipc2"] == [2, 2, 2]
 
@@ -212,4 +212,4 @@ def test_grow_from_reuses_the_earlier_points_shards(swept, capsys):
     assert main(["sweep", base, "--grid", bad, "--only", "bad", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert "grow_from 'base': recover/prism differs in recover.lr" in err
-    assert not storage.exists("points/bad/recover/prism/manifests")
+    assert ShardStore(storage, "points/bad/recover/prism").committed() == set()

@@ -14,7 +14,8 @@ gives the same images and bytes on CPU however often it is rerun. Pure torch: th
 reads initial images and writes the outputs.
 
 Speed (docs/recover.md, "Speed"): the step loop never waits for the device (no .item(), no host copies until
-the shard ends); on CUDA the teachers run from a bf16, channels_last copy made once (`TeacherSet`), and
+the shard ends); with recover.precision bf16 the teachers run from a bf16 copy made once (`TeacherSet`,
+channels_last on CUDA), and
 `compile=` hands each teacher's forward pass with its BN statistics to torch.compile. Encoding the images
 to JPEG/PNG happens when `ShardResult.encoded` is first read, which the recover worker does while the
 next shard computes.
@@ -52,12 +53,14 @@ _SCALE_FLOOR = 1e-12  # bn_normalize: a teacher whose first BN loss is ~0 must n
 
 @dataclass(frozen=True)
 class ShardSpec:
-    """One cross-class batch: IPC index `ipc_index` of every class in `class_ids`, with its own seed."""
+    """One cross-class batch: IPC index `ipc_index` of every class in `class_ids`, with its own seed; the teacher
+    draws come from `teacher_seed` when given (recover.draw_per: ipc gives every shard of an IPC index one)."""
 
     shard_id: str
     ipc_index: int
     class_ids: tuple[int, ...]
     seed: int
+    teacher_seed: Optional[int] = None  # seeds the teacher draws instead of `seed` (a draw shared by shards)
 
     def __post_init__(self):
         object.__setattr__(self, "class_ids", tuple(int(c) for c in self.class_ids))
@@ -185,12 +188,13 @@ class TeacherSet:
     `close()` removes the hooks.
     """
 
-    def __init__(self, pool: Mapping[str, nn.Module], device: torch.device | str = "cpu", *, amp: bool = True,
+    def __init__(self, pool: Mapping[str, nn.Module], device: torch.device | str = "cpu", *, amp: bool = False,
                  channels_last: bool = True, first_bn_multiplier: float = 10.0,
                  compile: Optional[Mapping[str, Any]] = None, names: Optional[Sequence[str]] = None):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
-        self.amp, self.channels_last = on_cuda and amp, on_cuda and channels_last
+        # bf16 wherever asked (the CPU too, for measuring what it changes); NHWC only pays on CUDA
+        self.amp, self.channels_last = amp, on_cuda and channels_last
         if on_cuda:  # every step feeds the teachers the same shape: cuDNN's autotuned kernels pay back at once
             torch.backends.cudnn.benchmark = True
         self.first_bn_multiplier = first_bn_multiplier
@@ -237,8 +241,9 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
     """
     t0 = time.perf_counter()
     device = torch.device(device)
+    draws = spec.seed if spec.teacher_seed is None else spec.teacher_seed
     selection = TeacherSelection(cfg.primary, cfg.selection, pool=cfg.bn_pool, slots=cfg.slots,
-                                 prob=cfg.slot_prob, fixed=cfg.fixed, generator=generator(spec.seed, "teachers"))
+                                 prob=cfg.slot_prob, fixed=cfg.fixed, generator=generator(draws, "teachers"))
     names = selection.candidates()
     missing = [n for n in names if n not in pool]
     if missing:
@@ -250,7 +255,7 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
     if not own:
         _check_teacher_set(pool, cfg, device, spec)
     x = initial_images(spec, cfg, init_images, shape).to(device)  # before any hook exists: it may raise
-    teachers = TeacherSet(pool, device, amp=cfg.amp, channels_last=cfg.channels_last,
+    teachers = TeacherSet(pool, device, amp=cfg.precision == "bf16", channels_last=cfg.channels_last,
                           first_bn_multiplier=cfg.first_bn_multiplier, compile=compile, names=names) if own else pool
     try:  # from here on the teachers carry hooks: a failure must not leave them behind
         if teachers.channels_last:
@@ -323,7 +328,7 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
 def _check_teacher_set(teachers: TeacherSet, cfg: "RecoverConfig", device: torch.device, spec: ShardSpec) -> None:
     """A TeacherSet built by the caller must have been built for this config and device."""
     on_cuda = device.type == "cuda"
-    want = {"device": device.type, "amp": on_cuda and cfg.amp, "channels_last": on_cuda and cfg.channels_last,
+    want = {"device": device.type, "amp": cfg.precision == "bf16", "channels_last": on_cuda and cfg.channels_last,
             "first_bn_multiplier": cfg.first_bn_multiplier}
     have = {"device": teachers.device.type, "amp": teachers.amp, "channels_last": teachers.channels_last,
             "first_bn_multiplier": teachers.first_bn_multiplier}

@@ -77,15 +77,24 @@ def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise DataError(f"cannot convert a {c}-channel image to {channels} channels")
 
 
-def resize_center(x: torch.Tensor, resolution: int) -> torch.Tensor:
-    """Float CHW: shorter side to `resolution` (antialiased bilinear), then a centre crop to a square."""
+def resize_center(x: torch.Tensor, resolution: int, resize: int | None = None) -> torch.Tensor:
+    """Float CHW: shorter side to `resize` (default `resolution`), then a centre crop to a square of `resolution`.
+
+    torchvision's Resize(resize) + CenterCrop(resolution) on a PIL image, value for value: the longer side
+    becomes int(resize * long / short), the crop starts at round((side - resolution) / 2), and the resize is
+    antialiased bilinear. PIL rounds to 8 bits between its two passes, so pixels agree within one level of 255
+    (tests/data/test_resize.py).
+    """
+    size = resize or resolution
     _, h, w = x.shape
-    if h == w == resolution:
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(size * long / short)
+    nh, nw = (size, new_long) if h <= w else (new_long, size)
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
+    if nh == nw == resolution:
         return x
-    scale = resolution / min(h, w)
-    nh, nw = max(resolution, round(h * scale)), max(resolution, round(w * scale))
-    x = F.interpolate(x[None], size=(nh, nw), mode="bilinear", antialias=True, align_corners=False)[0]
-    top, left = (nh - resolution) // 2, (nw - resolution) // 2
+    top, left = int(round((nh - resolution) / 2.0)), int(round((nw - resolution) / 2.0))
     return x[:, top:top + resolution, left:left + resolution]
 
 
@@ -94,9 +103,10 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
 
     def __init__(self, name: str, split: str, labels: np.ndarray, class_names: list[str], channels: int,
                  resolution: int, normalization: Normalization, classes: int | None = None,
-                 max_per_class: int | None = None):
+                 max_per_class: int | None = None, resize: int | None = None):
         self.name, self.split = name, split
         self.channels, self.resolution, self.normalization = channels, resolution, normalization
+        self.resize = resize or resolution  # shorter side before the centre crop (data.resize)
         labels = np.asarray(labels, dtype=np.int64)
         num_classes = len(class_names)
         if classes is not None:
@@ -159,7 +169,7 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
 
     def _pixels(self, raw: torch.Tensor) -> torch.Tensor:
         x = to_channels(raw, self.channels).float().div_(255.0)
-        return resize_center(x, self.resolution).clamp_(0, 1)
+        return resize_center(x, self.resolution, self.resize).clamp_(0, 1)
 
     def _prepare(self, raw: torch.Tensor) -> torch.Tensor:
         return self.normalization.normalize(self._pixels(raw))
@@ -169,8 +179,14 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
             x = torch.stack([to_channels(r, self.channels) for r in raws]).float().div_(255.0)
             _, _, h, w = x.shape
             if (h, w) != (self.resolution, self.resolution):
-                x = torch.stack([resize_center(i, self.resolution) for i in x]) if h != w else F.interpolate(
-                    x, size=(self.resolution, self.resolution), mode="bilinear", antialias=True, align_corners=False)
+                if h != w:
+                    x = torch.stack([resize_center(i, self.resolution, self.resize) for i in x])
+                else:  # square: one batched resize to the shorter side, then the centre crop
+                    if h != self.resize:
+                        x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", antialias=True,
+                                          align_corners=False)
+                    top = int(round((self.resize - self.resolution) / 2.0))
+                    x = x[:, :, top:top + self.resolution, top:top + self.resolution]
             return x.clamp_(0, 1)
         return torch.stack([self._pixels(r) for r in raws])
 
@@ -204,5 +220,6 @@ class ClassIndexedDataset(torch.utils.data.Dataset):
         return x, torch.from_numpy(self.labels[idx].copy())
 
     def describe(self) -> str:
+        crop = f", shorter side {self.resize} then centre crop" if self.resize != self.resolution else ""
         return (f"{self.name} {self.split}: {len(self)} images, {self.num_classes} classes, "
-                f"{self.channels}x{self.resolution}x{self.resolution}")
+                f"{self.channels}x{self.resolution}x{self.resolution}{crop}")

@@ -74,7 +74,7 @@ class FashionMNIST(ClassIndexedDataset):
 
     def __init__(self, root: str, split: str, labels: np.ndarray, normalization: Normalization, channels: int = 1,
                  resolution: int = 28, classes: int | None = None, max_per_class: int | None = None,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, resize: int | None = None):
         images_file, _ = FILES[split]
         self._images = read_idx_gz(root, images_file, storage)
         if len(labels) != len(self._images):
@@ -82,7 +82,7 @@ class FashionMNIST(ClassIndexedDataset):
                             f"{len(labels)}: the files changed since the index was built; rebuild it with "
                             f"`prism-ray index CONFIG`")
         super().__init__("fashion_mnist", split, labels, CLASS_NAMES, channels, resolution, normalization, classes,
-                         max_per_class)
+                         max_per_class, resize)
 
     def _raw(self, source_index: int) -> torch.Tensor:
         return torch.from_numpy(self._images[source_index].copy())[None]

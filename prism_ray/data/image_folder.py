@@ -58,13 +58,13 @@ class ImageFolderDataset(ClassIndexedDataset):
     def __init__(self, uri: str, split: str, paths: pa.Array | Sequence[str], labels: np.ndarray,
                  class_names: list[str], normalization: Normalization, channels: int = 3, resolution: int = 224,
                  classes: int | None = None, max_per_class: int | None = None,
-                 storage: StorageConfig | None = None):
+                 storage: StorageConfig | None = None, resize: int | None = None):
         self.uri = uri.rstrip("/")
         self._storage = storage
         self._paths = paths if isinstance(paths, pa.Array) else pa.array(list(paths), pa.string())
         self._fs, self._base, self._pid = None, None, None
         super().__init__("image_folder", split, labels, class_names, channels, resolution, normalization, classes,
-                         max_per_class)
+                         max_per_class, resize)
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)

@@ -32,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from prism_ray.config import DataConfig, StorageConfig
+from prism_ray.config import DataConfig, StorageConfig, resolved_resize
 from prism_ray.data.base import ClassIndexedDataset, DataError, dataset_normalization
 from prism_ray.data.fashion_mnist import CLASS_NAMES, FILES, FashionMNIST, idx_gz_length, read_idx_gz
 from prism_ray.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
@@ -355,6 +355,7 @@ def open_dataset(index: DataIndex, cfg: DataConfig, storage: StorageConfig | Non
     ignoring data.classes and data.max_per_class."""
     cap = cfg.max_per_class if (capped and index.split == "train") else None
     common = dict(normalization=dataset_normalization(cfg), channels=cfg.channels, resolution=cfg.resolution,
+                  resize=resolved_resize(cfg),
                   classes=None if whole else cfg.classes, max_per_class=None if whole else cap, storage=storage)
     uri, labels = split_uri(cfg, index.split), index.labels()
     if index.dataset == "fashion_mnist":

@@ -46,7 +46,8 @@ class ParquetImageDataset(ClassIndexedDataset):
     def __init__(self, uri: str, split: str, files: list[str], file_ids: np.ndarray, row_groups: np.ndarray,
                  offsets: np.ndarray, labels: np.ndarray, class_names: list[str], normalization: Normalization,
                  channels: int = 3, resolution: int = 224, classes: int | None = None,
-                 max_per_class: int | None = None, image_column: str = "image", storage: StorageConfig | None = None):
+                 max_per_class: int | None = None, image_column: str = "image", storage: StorageConfig | None = None,
+                 resize: int | None = None):
         self.uri = uri.rstrip("/")
         self._storage = storage
         self._image_column = image_column
@@ -57,7 +58,7 @@ class ParquetImageDataset(ClassIndexedDataset):
         self._offsets = np.asarray(offsets, dtype=np.int32)
         self._reset_handles()
         super().__init__("parquet", split, labels, class_names, channels, resolution, normalization, classes,
-                         max_per_class)
+                         max_per_class, resize)
 
     def _reset_handles(self) -> None:
         self._fs, self._base, self._pid = None, None, None

@@ -5,20 +5,22 @@ import contextlib
 import logging
 import os
 import sys
-from typing import Iterator
+from typing import Iterator, Optional
 
 from prism_ray.config import RayConfig
+from prism_ray.orchestration.ray_logs import divert_internal_logs
 from prism_ray.stages.base import StageError
 
 LOOPBACK = "127.0.0.1"
 
 
 @contextlib.contextmanager
-def ray_session(cfg: RayConfig) -> Iterator[None]:
+def ray_session(cfg: RayConfig, log_path: Optional[str] = None) -> Iterator[None]:
     """Use the Ray this process is already connected to, else start a local one or join `cfg.address`.
 
     A local instance binds to loopback only: it is for one machine, and must not open ports outward. While the
-    session lasts, SIGTERM and SIGINT ask the dispatch loop to stop (see `stopping`).
+    session lasts, SIGTERM and SIGINT ask the dispatch loop to stop (see `stopping`). Workers' output reaches
+    the terminal; Ray's own processes' log lines go to `log_path` instead (see `ray_logs`).
     """
     joins_env = cfg.address in (None, "") and bool(os.environ.get("RAY_ADDRESS"))  # inside `ray job submit`
     local = not joins_env and cfg.address in (None, "", "local")
@@ -51,6 +53,8 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
             raise StageError(f"Ray at {cfg.address!r} requires a token: set RAY_AUTH_MODE=token and the token "
                              f"(~/.ray/auth_token or RAY_AUTH_TOKEN) ({text})") from None
         raise
+    divert_internal_logs(log_path)
+    _forget_dead_requests()
     stopped = False
     try:
         with stopping.installed():  # after ray.init: it replaces Ray's handler, which dumps a stack on SIGTERM
@@ -61,6 +65,15 @@ def ray_session(cfg: RayConfig) -> Iterator[None]:
     finally:
         if not stopped:  # when stopped, Ray's exit hook shuts down after the CLI's line: SIGKILL may be 3 s away
             ray.shutdown()
+
+
+def _forget_dead_requests() -> None:
+    """A run's start withdraws the autoscaler requests of drivers that died without withdrawing theirs."""
+    from prism_ray.orchestration import autoscaler
+    try:
+        autoscaler.reconcile()
+    except Exception as e:  # noqa: BLE001 - a hint to the autoscaler; the run goes on without it
+        logging.getLogger(__name__).warning("could not update the autoscaler's requests: %s", e)
 
 
 def _keep_loopback_addresses() -> None:

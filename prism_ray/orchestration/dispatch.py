@@ -3,13 +3,17 @@
 One `ray.wait` covers both unit results and workers becoming ready, so each worker gets units the moment
 it is ready and a worker still waiting for room (or for the autoscaler) holds nobody back. Every few
 seconds the loop looks at the cluster: it starts workers where there is room (`ray.workers: auto`) or
-replaces lost ones, and counts the nodes that joined and left. A worker gets at most
-`in_flight_per_worker` units, so one unit's upload overlaps the next one's compute. A unit whose code
-raises is retried up to `max_attempts` times, then recorded as failed while the others go on. A unit
-whose worker died (killed, node lost, preempted) is requeued without counting an attempt; only a unit
-whose worker dies repeatedly on a live node is failed. When the queue drains, idle workers end. A stop
-signal (see `stopping`) ends the workers and raises `Interrupted`. Only small summaries travel back to
-the driver: outputs go from the actor straight to storage.
+replaces lost ones, and counts the nodes that joined and left. Every ready worker gets one unit before any
+gets a second; a second (up to `in_flight_per_worker`), whose compute overlaps the first one's upload,
+goes only while the queue holds more units than the workers still starting will take. A worker that is idle
+first takes back (`StageActor.withdraw`) a unit still waiting behind another worker's unit, then units from
+the queue; idle workers end only when the queue is empty and no unit waits like that. So a unit sent ahead
+never waits behind a long one while another worker could run it, and the tail of a stage keeps every worker
+that has work. A unit whose code raises is retried up
+to `max_attempts` times, then recorded as failed while the others go on. A unit whose worker died (killed,
+node lost, preempted) is requeued without counting an attempt; only a unit whose worker dies repeatedly on
+a live node is failed. A stop signal (see `stopping`) ends the workers and raises `Interrupted`. Only small
+summaries travel back to the driver: outputs go from the actor straight to storage.
 """
 from __future__ import annotations
 
@@ -32,6 +36,7 @@ DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often on a live node 
 TICK_SECONDS = 1.0  # longest wait for a result: how soon a stop signal is acted on
 WATCH_SECONDS = 2.0  # how often the cluster's nodes and free resources are read
 NOTE_SECONDS = 30.0  # how often to say that workers are waiting for room
+WITHDRAW_SECONDS = 30.0  # longest wait for a busy worker to answer whether a unit it holds has begun
 
 
 def _unwrap(e: ray.exceptions.RayTaskError) -> BaseException:
@@ -62,8 +67,9 @@ def check_room(stage: Stage, cfg: RayConfig) -> None:
                      f"evaluate.batch_size, evaluate.val_batch_size)")
 
 
-def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageReport:
-    """Run every uncommitted unit of `stage` on Ray actors; return what happened."""
+def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None) -> StageReport:
+    """Run every uncommitted unit of `stage` on Ray actors; return what happened. `lease`: the run's lease
+    (`prism_ray.lease.RunLease`); the stage stops when another driver takes it over."""
     run = StageRun(stage, quiet=quiet)
     report, progress = run.report, run.progress
     queue: deque[Unit] = deque(run.todo)
@@ -74,7 +80,9 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
     pool = WorkerPool(stage, cfg, run, tag=uuid.uuid4().hex[:6])
     cluster = ClusterWatch(run)
     metrics = StageMetrics(stage.cfg.run.name, stage.name)
-    in_flight: dict = {}  # ObjectRef -> (member, unit)
+    in_flight: dict = {}  # ObjectRef -> (member, unit); unit None once withdrawn and sent elsewhere
+    began: set = set()  # refs of units that shared their worker with another and are known to have begun
+    sent_at: dict = {}  # ObjectRef -> when its unit was sent
     attempts: Counter = Counter()
     deaths: Counter = Counter()
     next_watch = next_note = 0.0
@@ -85,19 +93,59 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
         report.requeued += 1
         metrics.unit_requeued()
 
+    def send(member: Member, unit: Unit) -> None:
+        ref = member.actor.run.remote(unit)
+        in_flight[ref] = (member, unit)
+        member.held.append(ref)
+        sent_at[ref] = time.monotonic()
+        run.attempt()
+        report.events.append(("sent", time.time(), unit.id, member.sid))
+
     def dispatch() -> None:
         ready = pool.ready()
-        for depth in range(1, cfg.in_flight_per_worker + 1):  # one unit per worker before a second to any
+        for member in ready:  # one unit per worker before a second to any
+            if queue and not member.held:
+                send(member, queue.popleft())
+        for depth in range(2, cfg.in_flight_per_worker + 1):
             for member in ready:
-                if queue and member.in_flight < depth:
-                    unit = queue.popleft()
-                    in_flight[member.actor.run.remote(unit)] = (member, unit)
-                    member.in_flight += 1
-                    run.attempt()
+                # a second unit only while there is more work than the workers still starting will take
+                if len(queue) > len(pool.starting()) and member.in_flight < depth:
+                    send(member, queue.popleft())
+
+    def waiting() -> list:
+        """(member, ref) of units that may still wait behind another unit of their worker, oldest first (a
+        worker's units take its compute lock in no fixed order: any of them may be the one waiting)."""
+        found = [(m, ref) for m in pool.members.values() if m.in_flight > 1 for ref in m.held if ref not in began]
+        return sorted(found, key=lambda mr: sent_at[mr[1]])
+
+    def steal() -> None:
+        """Give each idle worker a unit that waits behind a busy worker's unit, before any unit of the queue:
+        a second unit sent ahead to a worker never waits there while another worker could run it."""
+        for idle in [m for m in pool.ready() if not m.held]:
+            for donor, ref in waiting():
+                unit = in_flight[ref][1]
+                try:
+                    taken = ray.get(donor.actor.withdraw.remote(unit.id), timeout=WITHDRAW_SECONDS)
+                except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                    taken = False  # its worker died or is stuck: the unit's own result will say what happened
+                if not taken:
+                    began.add(ref)
+                    continue
+                in_flight[ref] = (donor, None)  # its run returns {"withdrawn": True}: nothing to count
+                donor.held.remove(ref)
+                report.moved += 1
+                report.events.append(("moved", time.time(), unit.id, donor.sid, idle.sid))
+                send(idle, unit)
+                break
 
     def finished(ref) -> None:
         member, unit = in_flight.pop(ref)
-        member.in_flight -= 1
+        if ref in member.held:
+            member.held.remove(ref)
+        began.discard(ref)
+        sent_at.pop(ref, None)
+        if unit is None:  # withdrawn and sent elsewhere
+            return
         try:
             summary = ray.get(ref)
         except ray.exceptions.RayTaskError as e:  # the unit's own code raised (or its commit gave up)
@@ -120,6 +168,9 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
             pool.lost(member, e)
             lost.append(member)
             return
+        if summary.get("withdrawn"):  # taken back by an earlier driver step that then lost track: run it again
+            requeue(unit)
+            return
         run.done(unit, summary)
         metrics.unit_done(int(summary.get("images", 0)), summary.get("unit_seconds"))
 
@@ -129,6 +180,8 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                 signum = stopping.requested()
                 if signum is not None:
                     raise stopping.Interrupted(signum, report, stage.unit_noun)
+                if lease is not None:
+                    lease.check()  # another driver took the run over: stop dispatching at once
                 now = time.monotonic()
                 if now >= next_watch:
                     cluster.poll()
@@ -138,8 +191,9 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False) -> StageRep
                     if next_note:  # not at the very start: workers take a moment to come up
                         progress.note(pool.waiting_note())
                     next_note = now + NOTE_SECONDS
+                steal()
                 dispatch()
-                if not queue:
+                if not queue and not waiting():
                     pool.end_idle()
                 metrics.state(len(in_flight), len(pool.ready()))
                 starting = pool.starting()

@@ -5,10 +5,12 @@ from prism_ray.orchestration.progress import StageReport, StageRun, describe_err
 from prism_ray.stages.base import Stage
 
 
-def run_stage_local(stage: Stage, max_attempts: int = 1, quiet: bool = False) -> StageReport:
+def run_stage_local(stage: Stage, max_attempts: int = 1, quiet: bool = False, lease=None) -> StageReport:
     run = StageRun(stage, quiet=quiet)
     worker = stage.open_worker() if run.todo else None
     for unit in run.todo:
+        if lease is not None:
+            lease.check()
         for attempt in range(1, max_attempts + 1):
             run.attempt()
             try:

@@ -20,6 +20,7 @@ class StageReport:
     skipped: int = 0  # committed before this invocation started
     ran: int = 0  # committed by this invocation
     duplicates: int = 0  # finished again by a late attempt after another had committed (outputs unchanged)
+    already: int = 0  # handed out again but found committed before any compute (not computed twice)
     failed: dict[str, str] = field(default_factory=dict)  # unit id -> last error
     attempts: int = 0
     workers_started: int = 0  # Ray executor: actors started (the first ones and every replacement)
@@ -32,19 +33,22 @@ class StageReport:
     storage_retries: int = 0  # storage requests of this invocation's commits that failed and were retried
     worker_peak_rss: int = 0  # bytes: the largest peak RSS a worker process reported (0: none reported)
     driver_peak_rss: int = 0  # bytes: this driver process's peak RSS when the stage ended
+    moved: int = 0  # units taken back from a busy worker before they began and given to an idle one
+    # Ray executor: (what, time.time(), ...) for units sent, moved and workers ready and ended; not in to_json
+    events: list = field(default_factory=list, repr=False)
 
     @property
     def complete(self) -> bool:
-        return not self.failed and self.skipped + self.ran + self.duplicates == self.total
+        return not self.failed and self.skipped + self.ran + self.duplicates + self.already == self.total
 
     def to_json(self) -> dict:
         return {"stage": self.stage, "total": self.total, "skipped": self.skipped, "ran": self.ran,
-                "duplicates": self.duplicates, "failed": self.failed, "attempts": self.attempts,
+                "duplicates": self.duplicates, "already": self.already, "failed": self.failed, "attempts": self.attempts,
                 "workers_started": self.workers_started, "workers_lost": self.workers_lost, "requeued": self.requeued,
                 "nodes_joined": self.nodes_joined, "nodes_left": self.nodes_left, "images": self.images,
                 "seconds": round(self.seconds, 3), "storage_retries": self.storage_retries,
                 "worker_peak_rss": self.worker_peak_rss, "driver_peak_rss": self.driver_peak_rss,
-                "complete": self.complete}
+                "moved": self.moved, "complete": self.complete}
 
     def cluster_line(self) -> str:
         """What the cluster did during the stage ('' when nothing happened worth a line)."""
@@ -133,7 +137,9 @@ class StageRun:
         self.report.attempts += 1
 
     def done(self, unit: "Unit", summary: dict) -> None:
-        if summary.get("committed", True):
+        if summary.get("already_committed"):
+            self.report.already += 1
+        elif summary.get("committed", True):
             self.report.ran += 1
         else:
             self.report.duplicates += 1
@@ -143,7 +149,10 @@ class StageRun:
         self.report.worker_peak_rss = max(self.report.worker_peak_rss, int(summary.get("peak_rss", 0)))
         self.progress.unit_done(images)
         if unit.id in self._stale_failures:
-            self.store.storage.delete(self.store.failure_key(unit.id))
+            try:  # `failures()` hides a record whose unit is committed: one left behind does no harm
+                self.store.storage.delete(self.store.failure_key(unit.id))
+            except Exception as e:  # noqa: BLE001
+                self.progress.note(f"could not delete the old failure record of {unit.id} ({e})")
 
     def raised(self, unit: "Unit", error: str, attempt: int, max_attempts: int, kind: str = "compute") -> bool:
         """A unit's code raised on its `attempt`-th try: True to retry, False once it is recorded failed.
@@ -155,7 +164,10 @@ class StageRun:
         return False
 
     def fail(self, unit: "Unit", error: str, attempts: int, kind: str = "compute") -> None:
-        self.store.record_failure(unit.id, error, attempts, kind)
+        try:  # retried with backoff inside; a record that cannot be written must not stop the other units
+            self.store.record_failure(unit.id, error, attempts, kind)
+        except Exception as e:  # noqa: BLE001
+            self.progress.note(f"could not write the failure record of {unit.id} ({e}); it is in this report")
         self.report.failed[unit.id] = error
         self.progress.unit_failed(unit.id, error)
 

@@ -35,7 +35,7 @@ class Interrupted(Exception):
         r = self.report
         if r is None:
             return f"{head}; committed units are kept: rerun the same command to resume"
-        committed = r.skipped + r.ran + r.duplicates
+        committed = r.skipped + r.ran + r.duplicates + r.already
         return (f"{head} during {r.stage}: {committed} of {r.total} {self.noun}s committed ({r.ran} by this run), "
                 f"{r.total - committed} left; committed units are kept: rerun the same command to finish the rest")
 

@@ -13,7 +13,7 @@ import os
 import threading
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import ray
@@ -23,15 +23,16 @@ from prism_ray.memory import peak_rss_bytes
 from prism_ray.orchestration.cluster import set_torch_threads
 from prism_ray.orchestration.progress import StageRun, describe_error
 from prism_ray.stages.base import Stage, StageError, Unit
+from prism_ray.storage import RECORDS, ShardStore
 
 FAKE_GPUS_ENV = "PRISM_RAY_FAKE_GPUS"  # tests: GPUs that are Ray resources only (ray.cluster_utils nodes)
 START_DEATHS_BEFORE_FAILING = 10  # workers dying while starting (not their own error) before the stage gives up
-RECORDS = "records"
+WITHDRAWN_POLL_SECONDS = 0.5  # how soon a unit waiting for the compute lock notices it was taken back
 
 
-def record_key(prefix: str, unit_id: str) -> str:
+def record_key(store: ShardStore, unit_id: str) -> str:
     """Where the worker that committed a unit records which node did it (and how long it took)."""
-    return f"{prefix}/{RECORDS}/{unit_id}.json"
+    return store.key(f"{RECORDS}/{unit_id}.json")
 
 
 def one_line(text: str) -> str:
@@ -63,8 +64,9 @@ def require_gpu(node: dict, gpus_per_worker: float) -> None:
 
 class StageActor:
     """Holds one stage worker. `run` may be called concurrently: computes are serialised, so one unit's upload
-    overlaps the next unit's compute. A start error is kept and reported by `ready` (not raised), so the
-    driver gets it once, as one line, instead of Ray's forwarded traceback."""
+    overlaps the next unit's compute. A unit still waiting for the compute lock can be taken back (`withdraw`)
+    and given to an idle worker. A start error is kept and reported by `ready` (not raised), so the driver
+    gets it once, as one line, instead of Ray's forwarded traceback."""
 
     def __init__(self, stage: Stage, name: str, cpus: float, gpus: float, check_gpu: bool):
         self.stage, self.name = stage, name
@@ -72,6 +74,9 @@ class StageActor:
         self.worker = None
         self.start_error: Optional[dict] = None
         self._compute_lock = threading.Lock()
+        self._state = threading.Lock()  # guards the two sets below
+        self._started: set[str] = set()  # units that began computing here (never withdrawn after that)
+        self._withdrawn: set[str] = set()  # units taken back before they began
         try:
             set_torch_threads(cpus)
             if check_gpu:
@@ -83,18 +88,47 @@ class StageActor:
     def ready(self) -> dict:
         return {**self.node, **(self.start_error or {})}
 
+    def withdraw(self, unit_id: str) -> bool:
+        """Take back a unit sent here that has not begun computing: True when it will not run here."""
+        with self._state:
+            if unit_id in self._started:
+                return False
+            self._withdrawn.add(unit_id)
+            return True
+
+    def _begin(self, unit_id: str) -> bool:
+        with self._state:
+            if unit_id in self._withdrawn:
+                self._withdrawn.discard(unit_id)
+                return False
+            self._started.add(unit_id)
+            return True
+
     def run(self, unit: Unit) -> dict:
         t0 = time.perf_counter()
-        with self._compute_lock:
-            computed = self.worker.compute(unit)
-        summary = self.worker.commit(unit, computed)
+        while not self._compute_lock.acquire(timeout=WITHDRAWN_POLL_SECONDS):
+            with self._state:
+                if unit.id in self._withdrawn:
+                    self._withdrawn.discard(unit.id)
+                    return {"withdrawn": True}
+        try:
+            if not self._begin(unit.id):
+                return {"withdrawn": True}
+            started = time.time()
+            skipped = self.worker.skip_committed(unit)  # its manifest landed before: never compute it again
+            computed = None if skipped else self.worker.compute(unit)
+            computed_at = time.time()
+        finally:
+            self._compute_lock.release()
+        summary = skipped or self.worker.commit(unit, computed)
         seconds = time.perf_counter() - t0
-        summary.update(self.node, unit_seconds=seconds, peak_rss=peak_rss_bytes())  # what this worker held
+        summary.update(self.node, unit_seconds=seconds, peak_rss=peak_rss_bytes(),  # what this worker held
+                       worker=self.name, started=started, computed=computed_at)
         if summary.get("committed", True):
             try:  # informational: a unit stays committed even if its record cannot be written
-                self.stage.storage.write_json(record_key(self.stage.prefix, unit.id), {
+                self.stage.storage.write_json(record_key(self.stage.store, unit.id), {
                     "unit": unit.id, **self.node, "worker": self.name, "seconds": round(seconds, 3),
-                    "finished": time.time()})
+                    "started": started, "computed": computed_at, "finished": time.time()})
             except Exception as e:  # noqa: BLE001
                 summary["record_error"] = one_line(describe_error(e))
         return summary
@@ -110,7 +144,11 @@ class Member:
     ready_ref: Any  # ObjectRef of `ready()` until the worker is ready, then None
     node_id: Optional[str] = None
     node_ip: Optional[str] = None
-    in_flight: int = 0
+    held: list = field(default_factory=list)  # ObjectRefs of its units in flight, in the order they were sent
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.held)
 
 
 def alive_nodes() -> dict[str, str]:
@@ -161,8 +199,9 @@ class WorkerPool:
         self._next_sid = 0
         self._requested: Optional[int] = None  # workers' worth of resources asked of the autoscaler
         self._start_deaths = 0
+        # one thread per unit in flight, and one for `withdraw` while they all wait
         self._options = dict(num_cpus=cfg.cpus_per_worker, num_gpus=cfg.gpus_per_worker,
-                             max_concurrency=cfg.in_flight_per_worker, max_restarts=0, max_task_retries=0,
+                             max_concurrency=cfg.in_flight_per_worker + 1, max_restarts=0, max_task_retries=0,
                              scheduling_strategy="SPREAD", namespace=cfg.namespace)
         if cfg.memory_per_worker:
             self._options["memory"] = int(cfg.memory_per_worker * 2**30)
@@ -215,13 +254,12 @@ class WorkerPool:
     def _ask_autoscaler(self, workers: int) -> None:
         if workers == self._requested:
             return
-        from ray.autoscaler.sdk import request_resources
+        from prism_ray.orchestration import autoscaler
         try:
-            request_resources(bundles=[dict(self.shape) for _ in range(workers)])
-            self._requested = workers
+            autoscaler.request([dict(self.shape) for _ in range(workers)])
         except Exception as e:  # noqa: BLE001 - a hint to the autoscaler; the run goes on without it
             self.run.progress.note(f"could not ask the autoscaler for room ({one_line(e)}); using the nodes there are")
-            self._requested = workers
+        self._requested = workers
 
     # ---- events
 
@@ -244,6 +282,7 @@ class WorkerPool:
         if info.get("error"):
             self._fail_start(info)
         member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
+        self.run.report.events.append(("ready", time.time(), member.sid))
         self._start_deaths = 0
         waiting = len(self.starting())
         self.run.progress.note(f"worker {member.sid} ready on {member.node_ip} ({member.node_id[:8]}); "
@@ -274,9 +313,11 @@ class WorkerPool:
         self._drop(member)
 
     def end_idle(self) -> None:
-        """The queue is empty: end every worker with nothing in flight (ready or still waiting for room)."""
+        """The queue is empty and no unit waits behind a busy worker: end every worker with nothing in flight
+        (ready or still waiting for room)."""
         for member in list(self.members.values()):
             if member.in_flight == 0:
+                self.run.report.events.append(("ended", time.time(), member.sid))
                 self._drop(member)
 
     def _drop(self, member: Member) -> None:

@@ -7,13 +7,19 @@ only decide which units to hand to which worker, so that every stage shares one 
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from prism_ray.config import Config
-from prism_ray.storage import COMBINED, ShardStore, Storage
+from prism_ray.storage import (GENERATION, MANIFESTS, STAGE_RECORD, ShardStore, Storage, new_generation, redact,
+                               retrying, sha256, write_stage_record)
 
 
 @dataclass(frozen=True)
@@ -52,7 +58,7 @@ class ConfigMismatch(StageError):
         shown = ", ".join(fields[:12]) + (" ..." if len(fields) > 12 else "")
         super().__init__(f"{stage}: {uri} holds outputs made with a different config; differing fields: {shown}. "
                          f"Use the same config to resume, another run.output, or --fresh to start this stage "
-                         f"(and those after it) over")
+                         f"and the stages after it over")
 
 
 class Worker(ABC):
@@ -61,6 +67,8 @@ class Worker(ABC):
     A unit is done in two steps so that an executor can overlap them: `compute` (the accelerator's
     work, one unit at a time) and `commit` (writing outputs, which may run while the next unit computes).
     """
+
+    stage: "Stage"
 
     @abstractmethod
     def compute(self, unit: Unit) -> Any:
@@ -71,18 +79,35 @@ class Worker(ABC):
         """Write the outputs, manifest last; return a small summary ({'images': n, 'committed': bool})."""
 
     def run(self, unit: Unit) -> dict:
-        return self.commit(unit, self.compute(unit))
+        return self.skip_committed(unit) or self.commit(unit, self.compute(unit))
+
+    def skip_committed(self, unit: Unit) -> dict | None:
+        """A summary without any compute when `unit` is committed already (an attempt handed out again after its
+        worker was lost once its manifest had landed, or a second driver's); None when it must run."""
+        if self.stage.store.is_committed(unit.id):
+            return {"images": 0, "committed": False, "already_committed": True}
+        return None
 
 
 class Stage(ABC):
-    """A stage of one run: its units, its storage prefix, the config fields that determine its outputs."""
+    """A stage of one run: its units, its storage prefix, the config fields that determine its outputs, and the
+    upstream stages whose outputs it reads (its lineage).
+
+    The stage's record, ``<prefix>/stage.json``, holds the config it was made with, its generation (the folder
+    ``<prefix>/<generation>/`` every output, manifest and checkpoint of it lives in) and the identity of each
+    upstream output it consumed. A reset writes a record with a new generation first, then deletes the old
+    folders: a reset interrupted at any point leaves nothing that could be adopted as committed.
+    """
 
     kind: str = "stage"  # squeeze / recover / relabel / evaluate
     worker_kind: str | None = None  # which prism_ray.memory estimate its workers follow (None: light workers)
     unit_noun: str = "shard"
+    kept: tuple[str, ...] = ()  # files beside the generations that a reset keeps (an imported set's source index)
 
     def __init__(self, cfg: Config, storage: Storage, context: RunContext):
         self.cfg, self.storage, self.context = cfg, storage, context
+        self.generation: str | None = None  # set by `prepare` on the driver, carried to the workers
+        self.upstream_identity: dict | None = None  # set by `bind` on the driver, carried to the workers
 
     @property
     @abstractmethod
@@ -95,7 +120,7 @@ class Stage(ABC):
 
     @property
     def store(self) -> ShardStore:
-        return ShardStore(self.storage, self.prefix)
+        return ShardStore(self.storage, self.prefix, generation=self.generation)
 
     @abstractmethod
     def units(self) -> list[Unit]:
@@ -112,72 +137,176 @@ class Stage(ABC):
     def images_per_unit(self, unit: Unit) -> int:
         return 0
 
-    # ---- what the stage reads and writes, for the driver's checks before anything runs
+    # ---- what the stage reads, for the driver's checks before anything runs
 
     def teachers_read(self) -> list[str]:
         """Names of the teachers whose weights this stage's workers load."""
         return []
 
     def inputs(self) -> dict[str, str]:
-        """Run keys this stage reads that an earlier stage writes -> what to do when one is missing."""
+        """Prefixes of the upstream stages whose outputs this stage reads -> what to do when one is not complete."""
         return {}
 
-    def outputs(self) -> list[str]:
-        """Run keys a later stage may read, written once this stage is complete."""
-        return [f"{self.prefix}/{COMBINED}"]
+    def upstream(self) -> list[str]:
+        return list(self.inputs())
 
-    def prepare(self, fresh: bool = False) -> str | None:
-        """Driver-side reading and checking before any unit runs (writes nothing); a line to show, or None."""
+    def check_source(self, fresh: bool = False) -> str | None:
+        """Driver-side reading and checking of what the stage takes from outside the run, before anything is
+        written (preflight); a line to show, or None."""
         return None
 
     def finalize(self) -> None:
-        """Called once every unit is committed: write the stage's combined manifest."""
-        self.store.write_combined()
+        """Called once every unit is committed: sweep the files of attempts that never committed, then write the
+        stage's combined manifest (the stage is complete once it exists)."""
+        store = self.store
+        store.sweep_orphans()
+        store.write_combined()
 
-    # ---- recorded config (resume safety)
-
-    @property
-    def config_key(self) -> str:
-        return f"{self.prefix}/config.json"
+    # ---- the record: config, generation, lineage
 
     def current_config(self) -> dict:
-        """The fingerprint as it is recorded (JSON types)."""
-        return json.loads(json.dumps(self.fingerprint(), default=str))
+        """The fingerprint as it is recorded (JSON types, credentials in URIs redacted)."""
+        return redact(json.loads(json.dumps(self.fingerprint(), default=str)))
 
-    def config_change(self) -> ConfigChange | None:
-        """How the config differs from the one the committed outputs were made with (None: no difference, or
-        nothing committed yet, so the old record binds nothing). Reads only."""
-        if not self.storage.exists(self.config_key):
+    def record(self) -> dict | None:
+        return ShardStore(self.storage, self.prefix).record()
+
+    def config_change(self, record: dict | None = None) -> ConfigChange | None:
+        """How the config differs from the recorded one (None: no record, or no difference). Reads only."""
+        record = self.record() if record is None else record
+        if not record or record.get("config") == self.current_config():
             return None
-        recorded, current = self.storage.read_json(self.config_key), self.current_config()
-        if recorded == current or not self.store.committed():
-            return None
-        return classify_change(recorded, current)
+        return classify_change(record.get("config") or {}, self.current_config())
 
     def refuse_changed_config(self) -> ConfigChange | None:
-        """Raise ConfigMismatch for any change but a raised IPC (a set grows); return the change. Reads only."""
-        change = self.config_change()
-        if change is not None and (change.other or change.lowered):
+        """Raise ConfigMismatch when committed outputs were made with another config, but for a raised IPC (a set
+        grows); return the change. A changed config with nothing committed starts a new generation instead (what
+        an interrupted stage left, checkpoints included, was made with the old config). Reads only."""
+        self.refuse_legacy()
+        record = self.record()
+        change = self.config_change(record)
+        if change is not None and (change.other or change.lowered) and \
+                ShardStore(self.storage, self.prefix, generation=record["generation"]).committed():
             raise ConfigMismatch(self.name, change.describe(), self.storage.uri(self.prefix))
         return change
 
-    def check_config(self, fresh: bool = False) -> None:
-        """Record this stage's config, or refuse when committed outputs were made with another one.
+    def refuse_legacy(self) -> None:
+        """Outputs of a prism-ray from before stage records (manifests straight under the prefix) are refused."""
+        if self.record() is None and (self.storage.exists(f"{self.prefix}/config.json")
+                                      or self.storage.list(f"{self.prefix}/{MANIFESTS}")):
+            raise StageError(f"{self.name}: {self.storage.uri(self.prefix)} was written by an older prism-ray "
+                             f"(no {STAGE_RECORD}); use another run.output, or --fresh to start this stage over")
 
-        One change is not refused: raising the IPC (a set grows). A recover shard depends on its IPC index,
-        class group, teachers and recover settings, not on the total IPC, so recover stages keep every
-        committed shard and run only the new IPC indices; later stages depend on whole sets and start over.
-        """
+    def prepare(self, fresh: bool = False) -> None:
+        """Take up the stage's generation before it runs (the driver, under the run's lease): the recorded one to
+        resume, or a new one for --fresh, a changed config with nothing committed, or a grown set (labels,
+        students and diversity depend on whole sets; recover shards do not, so a recover keeps its shards and
+        runs only the new IPC indices). Refuses what `refuse_changed_config` refuses, unless `fresh`."""
         if fresh:
-            self.storage.delete(self.prefix)
-        elif self.refuse_changed_config() is not None:  # the IPC grew
-            if self.kind == "recover":
-                # the combined manifest lists the smaller set: readers must wait for the grown one
-                self.storage.delete(f"{self.prefix}/{COMBINED}")
-            else:
-                # labels, students and diversity were made for the smaller sets: redo them
-                self.storage.delete(self.prefix)
-        self.storage.write_json(self.config_key, self.current_config())
+            self.reset()
+            return
+        change = self.refuse_changed_config()
+        record = self.record()
+        if record is None:
+            self.reset()
+            return
+        self.generation = record["generation"]
+        if change is None:
+            self._collect_garbage()
+            return
+        if change.is_growth and self.kind == "recover" and self.store.committed():
+            # the combined manifest lists the smaller set: readers must wait for the grown one
+            self.storage.delete(self.store.combined_key)
+            self._write_record(upstream=record.get("upstream"))
+            self._collect_garbage()
+            return
+        self.reset()
+
+    def reset(self) -> None:
+        """Start the stage over: a record with a new generation (the old outputs stop counting at once), then the
+        old generations' folders are deleted."""
+        self.generation = new_generation()
+        self.upstream_identity = None
+        self._write_record(upstream=None)
+        self.on_reset()
+        self._collect_garbage(everything=True)
+
+    def on_reset(self) -> None:
+        """What else a reset makes stale (the report, for the evaluate stages)."""
+
+    def _write_record(self, upstream: dict | None) -> None:
+        write_stage_record(self.storage, self.prefix, {
+            "generation": self.generation, "config": self.current_config(), "upstream": upstream,
+            "config_digest": digest(self.current_config()), "written": time.time()})
+
+    def _collect_garbage(self, everything: bool = False) -> None:
+        """Delete the folders of generations other than the current one (left by a reset that was interrupted)
+        and, after a reset, whatever an older layout left under the prefix."""
+        keep = {self.generation, STAGE_RECORD, "plan.json", "logs", *self.kept}
+        for key in self.storage.list(self.prefix):
+            name = key.rsplit("/", 1)[-1]
+            if name in keep:
+                continue
+            if GENERATION.fullmatch(name) or everything:
+                self.storage.delete(key)
+
+    def bind(self) -> None:
+        """Record the identity of every upstream output this stage is about to read (right before it runs, after
+        the upstream stages of this invocation finished); refuse when committed outputs of this stage were made
+        from other upstream outputs."""
+        current = {u: identity(self.storage, u) for u in self.upstream()}
+        record = self.record() or {}
+        recorded = record.get("upstream")
+        if recorded is not None and recorded != current and self.store.committed():
+            changed = sorted(u for u in set(recorded) | set(current) if recorded.get(u) != current.get(u))
+            raise StageError(stale_message(self, changed))
+        self.upstream_identity = current
+        if recorded != current:
+            self._write_record(upstream=current)
+
+    @property
+    def lineage_digest(self) -> str:
+        """What this stage's outputs derive from, as one digest: its config and its upstream identities."""
+        return digest({"config": self.current_config(), "upstream": self.upstream_identity})
+
+
+def stale_message(stage: Stage, changed: list[str]) -> str:
+    return (f"{stage.name}: its committed outputs were made from other outputs of {', '.join(changed)} (made again "
+            f"since); rerun it with --fresh (prism-ray {stage.kind} CONFIG --fresh) to make them again from the "
+            f"current ones")
+
+
+def digest(obj: Any) -> str:
+    """A short, stable digest of a JSON-like value (canonical JSON, sha256, 16 hex digits)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()).hexdigest()[:16]
+
+
+def identity(storage: Storage, prefix: str) -> dict | None:
+    """What a complete upstream stage's outputs are: its generation, config digest and combined manifest's sha256
+    (None while it is not complete)."""
+    store = ShardStore(storage, prefix)
+    record = store.record()
+    if not record or not store.complete():
+        return None
+    data = retrying(f"read {storage.uri(store.combined_key)}", lambda: storage.read_bytes(store.combined_key))
+    return {"generation": record["generation"], "config": digest(record["config"]), "manifest": sha256(data)}
+
+
+def read_upstream(storage: Storage, prefix: str, expected: dict | None = None) -> tuple[ShardStore, pa.Table]:
+    """(store, combined manifest) of a complete upstream stage, as a worker reads it: when `expected` (the identity
+    its driver bound, see `Stage.bind`) is given, the manifest must be exactly that one."""
+    store = ShardStore(storage, prefix, generation=expected["generation"] if expected else None)
+    if store.generation is None:
+        raise StageError(f"{storage.uri(prefix)} has no {STAGE_RECORD}: run that stage first")
+    try:
+        data = retrying(f"read {storage.uri(store.combined_key)}", lambda: storage.read_bytes(store.combined_key))
+    except FileNotFoundError:
+        raise StageError(f"{storage.uri(prefix)} is not complete (no combined manifest in generation "
+                         f"{store.generation}): run that stage first") from None
+    if expected and sha256(data) != expected["manifest"]:
+        raise StageError(f"{storage.uri(prefix)}: its combined manifest changed after this stage started; rerun "
+                         f"this stage")
+    return store, pq.read_table(pa.BufferReader(data))
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
@@ -202,11 +331,12 @@ class ConfigChange:
     def is_growth(self) -> bool:
         return bool(self.grown) and not self.lowered and not self.other
 
-    def describe(self) -> list[str]:
-        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink)."""
+    def describe(self, with_growth: bool = False) -> list[str]:
+        """The differing fields for an error: a lowered IPC says so (a set can grow, not shrink). A raised IPC is
+        listed beside other changes, or always with `with_growth`."""
         lowered = [f"{k} (lowered from {a} to {b}: a set can grow, not shrink)" for k, a, b in self.lowered]
         return lowered + self.other + [f"{k} (raised from {a} to {b})" for k, a, b in self.grown
-                                       if self.other or self.lowered]
+                                       if self.other or self.lowered or with_growth]
 
 
 def classify_change(recorded: dict, current: dict) -> ConfigChange:

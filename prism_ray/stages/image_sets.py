@@ -32,10 +32,10 @@ from prism_ray.data.base import Normalization
 from prism_ray.formatting import human_bytes
 from prism_ray.host_claims import host_claims, release_claim
 from prism_ray.memory import host_memory_available, peak_rss_bytes
-from prism_ray.stages.base import StageError
+from prism_ray.stages.base import StageError, read_upstream
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.stages.squeeze import data_fingerprint
-from prism_ray.storage import COMBINED, Storage, read_objects, sha256, translate_errors
+from prism_ray.storage import ShardStore, Storage, read_objects, sha256, translate_errors
 
 HOLDINGS = ("auto", "device", "host", "encoded")
 GPU_RESERVE_BYTES = 2 << 30  # GPU memory left free for the model, its activations and the teachers, at least...
@@ -91,35 +91,34 @@ def choose_holding(decoded_bytes: int, device: torch.device, *, gpu_free: int = 
     return "encoded", f"{human_bytes(decoded_bytes)} uint8 {where}does not fit in host memory ({host})"
 
 
-def set_manifest_rows(storage: Storage, set_name: str) -> list[dict]:
+def set_manifest_rows(storage: Storage, set_name: str, expected: dict | None = None) -> tuple[ShardStore, list[dict]]:
     prefix = recover_prefix(set_name)
     try:
-        table = storage.read_table(f"{prefix}/{COMBINED}")
-    except FileNotFoundError:
-        raise StageError(f"image set {set_name!r} is not complete ({storage.uri(prefix)} has no {COMBINED}); "
-                         f"run the recover stage first") from None
+        store, table = read_upstream(storage, prefix, expected)
+    except StageError as e:
+        raise StageError(f"image set {set_name!r} cannot be read ({e}); run the recover stage first") from None
     rows = table.select(["class_id", "ipc_index", "path", "bytes", "sha256"]).to_pylist()
     if not rows:
         raise StageError(f"image set {set_name!r} ({storage.uri(prefix)}) lists no images")
-    return sorted(rows, key=lambda r: (r["class_id"], r["ipc_index"]))
+    return store, sorted(rows, key=lambda r: (r["class_id"], r["ipc_index"]))
 
 
-def verified_chunks(storage: Storage, set_name: str, rows: list[dict]):
+def verified_chunks(store: ShardStore, rows: list[dict]):
     """(start, blobs) per chunk of CHUNK files, each file checked against its manifest checksum."""
-    prefix = recover_prefix(set_name)
+    storage = store.storage
     for start in range(0, len(rows), CHUNK):
         chunk = rows[start:start + CHUNK]
-        paths = [storage.path(f"{prefix}/{r['path']}") for r in chunk]
-        with translate_errors("cannot read", storage.uri(prefix)):
+        paths = [storage.path(store.key(r["path"])) for r in chunk]
+        with translate_errors("cannot read", storage.uri(store.prefix)):
             got = read_objects(storage.fs, paths)  # ranged GETs: no HEAD per image
         blobs = []
         for r, data in zip(chunk, got):
+            name = storage.uri(store.key(r["path"]))
             if not isinstance(data, bytes):
-                raise StageError(f"{storage.uri(prefix)}/{r['path']}: listed in the manifest but cannot be read "
-                                 f"({data!r})")
+                raise StageError(f"{name}: listed in the manifest but cannot be read ({data!r})")
             if sha256(data) != r["sha256"]:
-                raise StageError(f"{storage.uri(prefix)}/{r['path']}: checksum differs from its manifest; "
-                                 f"the set was modified after it was committed")
+                raise StageError(f"{name}: checksum differs from its manifest; the set was modified after it was "
+                                 f"committed")
             blobs.append(data)
         yield start, blobs
 
@@ -139,21 +138,21 @@ def _decode_chunk(blobs: list[bytes], out: torch.Tensor, names: list[str], pool:
 
 
 def load_image_set(storage: Storage, set_name: str, normalization: Normalization, channels: int, *,
-                   holding: str = "host", device: torch.device | str = "cpu", loader_workers: int = 0) -> ImageSet:
+                   holding: str = "host", device: torch.device | str = "cpu", loader_workers: int = 0,
+                   expected: dict | None = None) -> ImageSet:
     """Every image the set's combined manifest lists, checksum-verified, in (class, ipc) order.
 
     holding: device / host / encoded, or auto (`choose_holding` from the set's size and the memory free
     now). loader_workers: threads decoding while loading, and DataLoader processes decoding batches of an
-    encoded set.
+    encoded set. expected: the set's identity the stage was bound to (`Stage.bind`): the set must be that one.
     """
     if holding not in HOLDINGS:
         raise ValueError(f"holding must be one of {', '.join(HOLDINGS)}, got {holding!r}")
     t0 = time.perf_counter()
     device = torch.device(device)
-    rows = set_manifest_rows(storage, set_name)
-    uri = storage.uri(recover_prefix(set_name))
-    names = [f"{uri}/{r['path']}" for r in rows]
-    chunks = verified_chunks(storage, set_name, rows)
+    store, rows = set_manifest_rows(storage, set_name, expected)
+    names = [storage.uri(store.key(r["path"])) for r in rows]
+    chunks = verified_chunks(store, rows)
     first_start, first_blobs = next(chunks)
     try:  # the first image gives the set's size; every other image must match it
         with Image.open(io.BytesIO(first_blobs[0])) as im:
@@ -228,12 +227,13 @@ class ImageSetCache:
 
     def __init__(self, storage: Storage, normalization: Normalization, channels: int, *,
                  device: torch.device | str = "cpu", loader_workers: int = 0, holding: str = "auto",
-                 worker: str = "worker", quiet: bool = False):
+                 worker: str = "worker", quiet: bool = False, expected: dict | None = None):
         if holding not in HOLDINGS:
             raise ValueError(f"holding must be one of {', '.join(HOLDINGS)}, got {holding!r}")
         self.storage, self.normalization, self.channels = storage, normalization, channels
         self.device, self.loader_workers, self.holding = torch.device(device), loader_workers, holding
         self.worker, self.quiet = worker, quiet
+        self.expected = expected or {}  # upstream prefix -> the identity the stage was bound to
         self._set: ImageSet | None = None
 
     @property
@@ -245,7 +245,8 @@ class ImageSetCache:
             return self._set
         self.drop()
         s = load_image_set(self.storage, set_name, self.normalization, self.channels, holding=self.holding,
-                           device=self.device, loader_workers=self.loader_workers)
+                           device=self.device, loader_workers=self.loader_workers,
+                           expected=self.expected.get(recover_prefix(set_name)))
         self._set = s
         if not self.quiet:
             n, c, h, w = s.images.shape
@@ -270,9 +271,9 @@ def loader_workers(cfg: Config) -> int:
 
 
 def set_inputs(cfg: Config) -> dict[str, str]:
-    """The combined manifests of every set a relabel or evaluate stage reads, with what to do if one is missing."""
-    return {f"{recover_prefix(s)}/{COMBINED}": f"image set {s!r} is not complete; run the recover stage first "
-                                               f"(prism-ray recover CONFIG)" for s in cfg.sets()}
+    """The stages of every set a relabel or evaluate stage reads, with what to do if one is not complete."""
+    return {recover_prefix(s): f"image set {s!r} is not complete; run the recover stage first "
+                               f"(prism-ray recover CONFIG)" for s in cfg.sets()}
 
 
 def sets_fingerprint(cfg: Config) -> dict:

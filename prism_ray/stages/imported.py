@@ -49,12 +49,13 @@ def read_summary(storage: Storage, set_name: str) -> dict | None:
 class ImportStage(Stage):
     kind = "recover"
     unit_noun = "group"
+    kept = (SOURCE_INDEX, SOURCE_SUMMARY)  # a resumed run reads them, the source may be gone
 
     def __init__(self, cfg: Config, storage: Storage, context: RunContext, set_name: str, spec: ImportedSetConfig):
         super().__init__(cfg, storage, context)
         self.set_name, self.spec = set_name, spec
         self._source: SourceIndex | None = None
-        self.note: str | None = None  # what `prepare` found, for the driver to show
+        self.note: str | None = None  # what `check_source` found, for the driver to show
 
     def __getstate__(self) -> dict:  # workers read the stored index: do not ship the driver's copy to each
         return {**self.__dict__, "_source": None}
@@ -82,7 +83,7 @@ class ImportStage(Stage):
             return None
         return index if index.digest() == summary["digest"] else None
 
-    def prepare(self, fresh: bool = False) -> str:
+    def check_source(self, fresh: bool = False) -> str:
         """Index the source (or read the index kept with the set): the driver calls it before anything runs."""
         if self._source is None:
             self._source = None if fresh else self.stored_source()
@@ -95,7 +96,7 @@ class ImportStage(Stage):
 
     @property
     def source(self) -> SourceIndex:
-        self.prepare()
+        self.check_source()
         return self._source
 
     def units(self) -> list[Unit]:
@@ -109,9 +110,9 @@ class ImportStage(Stage):
         return {"data": data_fingerprint(self.cfg), "source": self.spec_dict(), "digest": self.source.digest(),
                 "class_group": self.cfg.recover.class_group}
 
-    def check_config(self, fresh: bool = False) -> None:
-        """Record the config, then keep the index with the set (before the first unit can commit)."""
-        super().check_config(fresh=fresh)
+    def prepare(self, fresh: bool = False) -> None:
+        """Take up the generation, then keep the index with the set (before the first unit can commit)."""
+        super().prepare(fresh=fresh)
         source = self.source
         summary = read_summary(self.storage, self.set_name)
         if summary is None or summary.get("digest") != source.digest() or summary.get("spec") != source.spec:

@@ -1,8 +1,9 @@
 """Recover: cross-class shards of synthetic images (one per IPC index x class group), and the random-real set.
 
-Every set the run relabels and evaluates is written the same way: images under
-``recover/<set>/images/<class id>/<class id>_ipc<k>.<ext>`` (an ImageFolder itself), one Parquet manifest
-per shard, and a combined ``recover/<set>/manifest.parquet`` when the set is complete.
+Every set the run relabels and evaluates is written the same way, in the stage's generation folder
+``recover/<set>/<generation>/``: images under ``images/<class id>/<class id>_ipc<k>.<attempt>.<ext>`` (an
+ImageFolder itself), one Parquet manifest per shard, and a combined ``manifest.parquet`` when the set is
+complete.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from prism_ray.data import build_dataset
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.squeeze import data_fingerprint
 from prism_ray.storage import Storage
-from prism_ray.teacher_pool import best_device, load_pool, model_shape
+from prism_ray.teacher_pool import best_device, load_pool, model_shape, squeeze_upstream
 
 # Manifest columns of every image set (recover shards and random real), in this order.
 IMAGE_SCHEMA = pa.schema([
@@ -90,6 +91,9 @@ class RecoverStage(Stage):
     def teachers_read(self) -> list[str]:
         return _teacher_names(self.rc)
 
+    def upstream(self) -> list[str]:
+        return squeeze_upstream(self.cfg, _teacher_names(self.rc))
+
     def fingerprint(self) -> dict:
         used = [dataclasses.asdict(self.cfg.teacher(n)) for n in _teacher_names(self.rc)]
         fp = {"seed": self.cfg.run.seed, "data": data_fingerprint(self.cfg), "teachers": used,
@@ -111,13 +115,18 @@ class RecoverWorker(Worker):
         self.device = best_device()
         self.data = build_dataset(cfg.data, "train", cfg.storage, index=stage.context.index_uri)
         shape = model_shape(cfg, stage.context.num_classes)
-        self.pool = load_pool(_teacher_names(stage.rc), shape, cfg, stage.storage, self.device)
+        self.pool = load_pool(_teacher_names(stage.rc), shape, cfg, stage.storage, self.device,
+                              expected=stage.upstream_identity)
         self.shape = (shape.in_channels, shape.resolution, shape.resolution)
 
     def compute(self, unit: Unit):
         st = self.stage
         k, classes = unit.payload["ipc_index"], unit.payload["class_ids"]
-        spec = ShardSpec(unit.id, k, tuple(classes), derive_seed(st.cfg.run.seed, "recover", st.set_name, unit.id))
+        # recover.draw_per ipc: every class group of IPC index k draws the same teachers (the reference's draw)
+        teacher_seed = derive_seed(st.cfg.run.seed, "recover", st.set_name, "teachers-ipc", k) \
+            if st.rc.draw_per == "ipc" else None
+        spec = ShardSpec(unit.id, k, tuple(classes), derive_seed(st.cfg.run.seed, "recover", st.set_name, unit.id),
+                         teacher_seed)
         init = self.data.images_at(classes, k) if st.rc.init == "real" else None
         result = synthesize_shard(self.pool, spec, st.rc, self.data.normalization, init, self.device,
                                   shape=self.shape)

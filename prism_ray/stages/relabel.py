@@ -23,10 +23,10 @@ from prism_ray.config import Config
 from prism_ray.data import dataset_normalization
 from prism_ray.formatting import human_bytes
 from prism_ray.memory import label_row_bytes, peak_rss_bytes
-from prism_ray.stages.base import RunContext, Stage, Unit, Worker
+from prism_ray.stages.base import RunContext, Stage, StageError, Unit, Worker, read_upstream
 from prism_ray.stages.image_sets import ImageSetCache, loader_workers, set_inputs, sets_fingerprint
 from prism_ray.storage import Storage
-from prism_ray.teacher_pool import best_device, load_pool, model_shape
+from prism_ray.teacher_pool import best_device, load_pool, model_shape, squeeze_upstream
 
 RELABEL_PREFIX = "relabel"
 
@@ -163,15 +163,29 @@ def read_epoch(table: pa.Table, epoch: int, mix_group: int) -> tuple[EpochPlan, 
 class LabelSource:
     """An epoch's plan and dense soft labels for one set: read from stored shards or computed live.
 
-    Both paths call the same label code with the same seed, so they give identical labels.
+    Both paths call the same label code with the same seed, so they give identical labels. Stored label files
+    are found through the relabel stage's combined manifest (`expected`: the identity the reading stage was bound
+    to) and checked against their sha256 before use.
     """
 
     def __init__(self, cfg: Config, storage: Storage, set_name: str, images, num_classes: int,
-                 teachers: list | None, device: torch.device):
+                 teachers: list | None, device: torch.device, expected: dict | None = None):
         self.cfg, self.storage, self.set_name = cfg, storage, set_name
         self.images, self.num_classes, self.teachers, self.device = images, num_classes, teachers, device
+        self.expected = expected
+        self._store = None
+        self._rows: dict[str, dict] | None = None  # label unit id -> its manifest row
         self._shard_id: str | None = None
         self._blob: bytes | None = None
+
+    def _row(self, unit: Unit) -> dict:
+        if self._rows is None:
+            self._store, table = read_upstream(self.storage, RELABEL_PREFIX, self.expected)
+            self._rows = {r["shard_id"]: r for r in table.select(["shard_id", "path", "bytes", "sha256"]).to_pylist()}
+        if unit.id not in self._rows:
+            raise StageError(f"{self.storage.uri(RELABEL_PREFIX)}: no stored labels for {unit.id}; rerun the relabel "
+                             f"stage for this config")
+        return self._rows[unit.id]
 
     def __call__(self, epoch: int) -> tuple[EpochPlan, torch.Tensor]:
         if self.cfg.relabel.mode == "live":
@@ -181,7 +195,8 @@ class LabelSource:
             unit = shard_for_epoch(self.cfg, self.set_name, epoch)
             if unit.id != self._shard_id:  # one shard's file (epochs_per_shard epochs) held at a time
                 self._blob = None  # the previous file is freed before the next is read, not after
-                self._blob = self.storage.read_bytes(f"{RELABEL_PREFIX}/{labels_path(unit)}")
+                row = self._row(unit)
+                self._blob = self._store.read_output(row)
                 self._shard_id = unit.id
             # only this epoch's row groups are decoded (their statistics name the epoch)
             table = pq.read_table(pa.BufferReader(self._blob), filters=[("epoch", "=", epoch)])
@@ -232,6 +247,9 @@ class RelabelStage(Stage):
     def inputs(self) -> dict[str, str]:
         return set_inputs(self.cfg)
 
+    def upstream(self) -> list[str]:
+        return [*self.inputs(), *squeeze_upstream(self.cfg, self.cfg.relabel_teachers())]
+
     def fingerprint(self) -> dict:
         return relabel_fingerprint(self.cfg)
 
@@ -245,11 +263,13 @@ class RelabelWorker(Worker):
         cfg = stage.cfg
         self.device = best_device()
         shape = model_shape(cfg, stage.context.num_classes)
-        pool = load_pool(cfg.relabel_teachers(), shape, cfg, stage.storage, self.device)
+        pool = load_pool(cfg.relabel_teachers(), shape, cfg, stage.storage, self.device,
+                         expected=stage.upstream_identity)
         self.teachers = [pool[n] for n in cfg.relabel_teachers()]
         norm = dataset_normalization(cfg.data)
         self.sets = ImageSetCache(stage.storage, norm, cfg.data.channels, device=self.device,
-                                  loader_workers=loader_workers(cfg), worker="relabel")
+                                  loader_workers=loader_workers(cfg), worker="relabel",
+                                  expected=stage.upstream_identity)
 
     def compute(self, unit: Unit):
         cfg = self.stage.cfg

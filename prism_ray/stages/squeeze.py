@@ -1,7 +1,7 @@
 """Squeeze: train every teacher whose weights are 'squeeze' on the training set, one unit per teacher.
 
-Each unit writes the teacher's checkpoint and a manifest row with its validation accuracy; a rerun skips
-teachers already committed. ImageNet pools come from torchvision weights or checkpoint URIs instead and
+Each unit writes the teacher's checkpoint and a manifest row with its validation accuracy (later stages read
+the checkpoint through that row, checked against its sha256); a rerun skips teachers already committed. ImageNet pools come from torchvision weights or checkpoint URIs instead and
 have no squeeze units.
 """
 from __future__ import annotations
@@ -13,20 +13,27 @@ import time
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import build_model, checkpoint_bytes
 from prism_ray.algo.train import evaluate_classifier, recalibrate_bn, train_classifier
+from prism_ray.config import resolved_resize
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import Stage, Unit, Worker
-from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, checkpoint_key, model_shape
+from prism_ray.teacher_pool import SQUEEZE_PREFIX, best_device, checkpoint_path, model_shape
 
 IN_MEMORY_LIMIT = 200_000  # images: below this, hold the training set as one tensor (small data sets)
 
 
 def data_fingerprint(cfg) -> dict:
-    """The data fields that shape training images (not the validation cap)."""
+    """The data fields that shape real images (not the validation cap). The resize (data.resize) is recorded as
+    resolved, since its default depends on the data set, and only when it is not data.resolution: a change of
+    it changes every real image, and runs made before it existed keep their fingerprint."""
     d = dataclasses.asdict(cfg.data)
     d.pop("max_val", None)
     d.pop("val", None)
     d.pop("index", None)  # where the listing is kept and whether it was verified do not change any image
     d.pop("verify", None)
+    d.pop("resize", None)
+    resize = resolved_resize(cfg.data)
+    if resize != cfg.data.resolution:
+        d["resize"] = resize
     return d
 
 
@@ -41,9 +48,6 @@ class SqueezeStage(Stage):
 
     def units(self) -> list[Unit]:
         return [Unit(spec.name, {"arch": spec.arch}) for spec in self.cfg.teachers.models if spec.weights == "squeeze"]
-
-    def outputs(self) -> list[str]:
-        return [*super().outputs(), *(checkpoint_key(u.id) for u in self.units())]
 
     def fingerprint(self) -> dict:
         trained = [dataclasses.asdict(s) for s in self.cfg.teachers.models if s.weights == "squeeze"]
@@ -89,6 +93,6 @@ class SqueezeWorker(Worker):
 
     def commit(self, unit: Unit, computed: tuple[bytes, dict]) -> dict:
         blob, row = computed
-        result = self.stage.store.commit(unit.id, [(f"teachers/{unit.id}.pt", blob)], [row])
+        result = self.stage.store.commit(unit.id, [(checkpoint_path(unit.id), blob)], [row])
         return {"images": 0, "committed": result.committed, "storage_retries": result.storage_retries,
                 "val_top1": row["val_top1"], "seconds": row["seconds"]}

@@ -20,7 +20,8 @@ def test_presets_name_no_teachers(name):
 def test_prism_preset_is_the_reference():
     rc = load_config(overrides=["recover.preset=prism"]).recover
     assert (rc.selection, rc.slots, rc.slot_prob) == ("pre", 3, 0.5)
-    assert (rc.bn_average, rc.bn_normalize, rc.r_bn, rc.first_bn_multiplier) == ("bn_only", False, 0.01, 10.0)
+    assert (rc.bn_average, rc.bn_normalize, rc.r_bn, rc.first_bn_multiplier) == ("reference", False, 0.01, 10.0)
+    assert (rc.draw_per, rc.precision) == ("ipc", "fp32")  # one draw per IPC index; fp32 teachers
     assert (rc.init, rc.lr, rc.betas) == ("real", 0.05, [0.5, 0.9])
     assert (rc.jitter, rc.crop_scale, rc.class_group) == (32, [0.08, 1.0], 100)
     assert (rc.image_format, rc.jpeg_quality) == ("jpeg", 75)
@@ -30,13 +31,13 @@ def test_prism_preset_is_the_reference():
 
 def test_sre2l_preset_is_single_teacher_from_noise():
     rc = load_config(overrides=["recover.preset=sre2l"]).recover
-    assert (rc.init, rc.lr, rc.iterations, rc.schedule) == ("noise", 0.25, 1000, "flat")
+    assert (rc.init, rc.lr, rc.iterations, rc.schedule) == ("noise", 0.25, 4000, "flat")  # SRe2L recover.sh
     assert (rc.r_bn, rc.first_bn_multiplier, rc.jitter, rc.crop_scale) == (0.01, 10.0, 32, [0.08, 1.0])
     assert (rc.selection, rc.fixed) == ("fixed", [])
     sel = TeacherSelection(rc.primary, rc.selection, pool=["mobilenet_v2"], slots=rc.slots, prob=rc.slot_prob,
                            fixed=rc.fixed)
     assert sel.next_step() == [rc.primary]
-    assert iterations_for(5, rc.iterations, rc.schedule, rc.cyclic_step, rc.cyclic_period) == 1000
+    assert iterations_for(5, rc.iterations, rc.schedule, rc.cyclic_step, rc.cyclic_period) == 4000
 
 
 def test_sre2l_as_a_baseline_beside_prism(tmp_path):

@@ -6,11 +6,12 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from prism_ray.algo.soft_labels import dense_labels, plan_epoch, soft_labels
-from prism_ray.algo.student import (build_optimizer, build_scheduler, build_student, distill_loss, lr_factor,
-                                    train_student)
+from prism_ray.algo.student import (backward_batch, build_optimizer, build_scheduler, build_student, distill_loss,
+                                    lr_factor, scored_epoch, train_student)
 from prism_ray.algo.teachers import ConvNet, ModelShape, build_model, freeze
 from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config import EvaluateConfig
@@ -86,7 +87,7 @@ def test_no_decay_group_holds_exactly_the_norm_and_bias_parameters(make):
 
 def test_cosine_schedule_per_step_without_warmup():
     model = nn.Linear(2, 2)
-    c = cfg(epochs=3, lr=0.1)
+    c = cfg(epochs=3, lr=0.1, schedule="cosine")
     opt = build_optimizer(model, c)
     sched = build_scheduler(opt, c, steps_per_epoch=4)
     seen = []
@@ -104,6 +105,104 @@ def test_prism_reference_schedule_is_per_epoch_with_its_late_drop():
     assert f[10] == pytest.approx(0.75)  # 0.5 (1 + cos(pi / 3)) at e = 5E/6
     assert f[11] == pytest.approx(0.75 / 12)
     assert all(a > b for a, b in zip(f, f[1:]))
+
+
+def authors_prism_lambda(e: int, epochs: int) -> float:
+    """The PRISM authors' LambdaLR factor (validate/train_FKD_parallel.py, `--cos`), stepped once per epoch."""
+    if e <= epochs * 5 / 6:
+        return 0.5 * (1.0 + math.cos(math.pi * e / (2.5 * epochs)))
+    return 0.5 * (1.0 + math.cos(math.pi * 5 / (6 * 2.5))) * (6 * epochs - 6 * e) / (6 * epochs)
+
+
+def authors_sre2l_lambda(e: int, epochs: int) -> float:
+    """SRe2L's LambdaLR factor (SRe2L/validate/train_FKD.py, `--cos`), stepped once per epoch."""
+    return 0.5 * (1.0 + math.cos(math.pi * e / epochs)) if e <= epochs else 0.0
+
+
+@pytest.mark.parametrize("epoch", [0, 1, 249, 250, 251, 298, 299])
+def test_prism_reference_factor_equals_the_authors_lambda_at_300_epochs(epoch):
+    assert lr_factor(epoch * 200, 200, 300, "prism_reference") == pytest.approx(authors_prism_lambda(epoch, 300),
+                                                                                rel=1e-12, abs=1e-15)
+
+
+def test_the_reference_schedules_step_per_epoch_like_the_authors_lambdalr():
+    """Our scheduler steps every optimizer step; the authors' LambdaLR steps once per epoch: the learning rate
+    of every step of epoch e must be their lambda(e) (E = 12 epochs of 3 steps, the 5E/6 edge at epoch 10)."""
+    for schedule, reference in (("prism_reference", authors_prism_lambda), ("cosine_epoch", authors_sre2l_lambda)):
+        c = cfg(epochs=12, lr=0.1, schedule=schedule)
+        ours = build_optimizer(nn.Linear(2, 2), c)
+        sched = build_scheduler(ours, c, steps_per_epoch=3)
+        theirs = torch.optim.AdamW(nn.Linear(2, 2).parameters(), lr=0.1)
+        per_epoch = torch.optim.lr_scheduler.LambdaLR(theirs, lambda e: reference(e, 12))
+        for epoch in range(12):
+            for _ in range(3):
+                assert ours.param_groups[0]["lr"] == pytest.approx(theirs.param_groups[0]["lr"], rel=1e-12), \
+                    (schedule, epoch)
+                ours.step()
+                sched.step()
+            theirs.step()
+            per_epoch.step()
+    assert authors_prism_lambda(250, 300) == pytest.approx(0.75) and authors_prism_lambda(251, 300) < 0.13
+
+
+def test_scored_epochs_follow_the_references_rule():
+    assert [e for e in range(300) if scored_epoch(e, 300, 10)] == [*range(0, 300, 10), 299]
+    assert [e for e in range(7) if scored_epoch(e, 7, 3)] == [0, 3, 6]
+    assert [e for e in range(5) if scored_epoch(e, 5, 0)] == [4]  # 0: after the last epoch only
+
+
+# --------------------------------------------------------------------------------------- accumulation, bf16
+
+
+def reference_accumulation(model, x, soft, y, steps: int, ce_weight: float) -> None:
+    """The PRISM validate loop's gradient accumulation on one batch, one GPU: slices of batch / steps images,
+    MSE + ce_weight * CE each, divided by steps, backward, summed in the parameters' gradients."""
+    small = x.shape[0] // steps
+    for i in range(steps):
+        part = slice(i * small, (i + 1) * small)
+        out = model(x[part]).float()
+        loss = F.mse_loss(out, soft[part]) + F.cross_entropy(out, y[part]) * ce_weight
+        (loss / steps).backward()
+
+
+def test_two_micro_batches_of_25_give_the_reference_loops_gradients():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50, 3, 16, 16, generator=g)
+    soft, y = torch.randn(50, 10, generator=g), torch.randint(10, (50,), generator=g)
+    ref_model = build_student("resnet18", ModelShape(10, 3, 16), seed=3).train()
+    ours, whole = copy.deepcopy(ref_model), copy.deepcopy(ref_model)
+    reference_accumulation(ref_model, x, soft, y, steps=2, ce_weight=0.1)
+    c = cfg(batch_size=50, accumulation_steps=2, loss="mse_ce", ce_weight=0.1)
+    total = backward_batch(ours, x, soft, c, targets=y)
+    for (name, a), b in zip(ref_model.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7, msg=name)
+    for (name, a), b in zip(ref_model.named_buffers(), ours.buffers()):  # BN running statistics: two updates
+        torch.testing.assert_close(b, a, msg=name)
+    assert total.item() > 0
+    # the whole batch at once normalises over 50 images: other gradients (the accumulation is not a no-op)
+    backward_batch(whole, x, soft, cfg(batch_size=50, accumulation_steps=1, loss="mse_ce", ce_weight=0.1), targets=y)
+    conv = next(p for n, p in whole.named_parameters() if n == "conv1.weight")
+    assert not torch.allclose(conv.grad, ours.conv1.weight.grad, rtol=1e-3, atol=1e-6)
+
+
+def test_the_defaults_are_the_prism_recipe_s_and_fp32():
+    assert (cfg().schedule, cfg().accumulation_steps, cfg().eval_every) == ("prism_reference", 2, 10)
+
+
+def test_bf16_students_train_under_autocast_and_fp32_is_the_default():
+    assert cfg().precision == "fp32"
+    x, y = separable_set(4, seed=4, size=8)
+    label_fn = label_fn_for(x, [ChannelTeacher()], seed=1, group=4, out_size=8)
+    trained = {}
+    for precision in ("fp32", "bf16"):
+        model = build_student("convnet", ModelShape(3, 3, 8), seed=1)
+        out = train_student(model, x, label_fn, cfg(epochs=2, batch_size=4, lr=0.01, precision=precision,
+                                                    loss="mse_ce", ce_weight=0.1), out_size=8, targets=y)
+        assert math.isfinite(out["final_loss"])
+        trained[precision] = model.state_dict()
+    first = next(iter(trained["fp32"]))
+    assert trained["fp32"][first].dtype == trained["bf16"][first].dtype == torch.float32  # weights stay fp32
+    assert not torch.equal(trained["fp32"][first], trained["bf16"][first])  # the forward ran in bf16
 
 
 # ----------------------------------------------------------------------------------------------- training
@@ -166,6 +265,30 @@ def test_resume_from_a_saved_state_equals_training_straight_through(make, optimi
     assert not torch.equal(saved[1]["model"][first], straight.state_dict()[first])
 
 
+def test_scores_every_n_epochs_survive_a_resume():
+    x, y = separable_set(4, seed=0, size=8)
+    label_fn = label_fn_for(x, [ChannelTeacher()], seed=5, group=2, out_size=8)
+    c = cfg(epochs=5, batch_size=4, lr=0.01, loss="mse_ce", ce_weight=0.1, eval_every=2, accumulation_steps=2)
+    val = separable_set(6, seed=7, size=8)
+
+    def score(model):
+        return evaluate_classifier(model, val, topk=(1, 2))
+
+    saved = {}
+    straight = build_student("convnet", ModelShape(3, 3, 8), seed=2)
+    out = train_student(straight, x, label_fn, c, out_size=8, targets=y, score=score,
+                        on_epoch_end=lambda e, st: saved.__setitem__(e, copy.deepcopy(st)))
+    assert [s["epoch"] for s in out["scores"]] == [1, 3, 5]  # after epochs 0, 2 and 4 (the last)
+    assert out["scores"][-1]["top1"] == score(straight)["top1"]
+    assert [s["epoch"] for s in saved[1]["scores"]] == [1]
+    resumed = build_student("convnet", ModelShape(3, 3, 8), seed=9)
+    again = train_student(resumed, x, label_fn, c, out_size=8, targets=y, score=score, state=saved[1])
+    assert again["scores"] == out["scores"]
+    only_last = train_student(build_student("convnet", ModelShape(3, 3, 8), seed=2), x, label_fn,
+                              cfg(**{**c.__dict__, "eval_every": 0}), out_size=8, targets=y, score=score)
+    assert [s["epoch"] for s in only_last["scores"]] == [5]
+
+
 def test_stored_and_live_labels_train_the_same_student_bitwise():
     x, y = separable_set(4, seed=1, size=8)
     torch.manual_seed(0)
@@ -207,6 +330,8 @@ def test_prism_recipe_is_the_reference():
     ev = load_config(overrides=["evaluate.recipe=prism"]).evaluate
     assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
     assert (ev.loss, ev.ce_weight, ev.epochs, ev.batch_size) == ("mse_ce", 0.1, 300, 50)
+    # validate/train_FKD_10_r18.sh: `--gradient-accumulation-steps 2 --cos`, autocast off, validation every 10
+    assert (ev.accumulation_steps, ev.schedule, ev.precision, ev.eval_every) == (2, "prism_reference", "fp32", 10)
     assert ev.students == ["convnet"] and ev.seeds == [0, 1, 2]  # a recipe leaves students and seeds alone
 
 
@@ -215,6 +340,7 @@ def test_sre2l_recipe_is_the_reference():
     ev = c.evaluate
     assert (ev.optimizer, ev.lr, ev.weight_decay, ev.no_decay_norm_bias) == ("adamw", 0.001, 0.01, True)
     assert (ev.loss, ev.temperature, ev.epochs, ev.batch_size) == ("kl", 20.0, 300, 1024)
+    assert (ev.accumulation_steps, ev.schedule, ev.precision, ev.eval_every) == (2, "cosine_epoch", "fp32", 10)
     assert ev.seeds == [4]
 
 

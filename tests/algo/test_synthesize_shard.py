@@ -5,6 +5,7 @@ import dataclasses
 import json
 from collections import Counter
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +19,10 @@ SHAPE = (1, 16, 16)
 
 
 def recover_cfg(**overrides) -> RecoverConfig:
+    # bn_only: the pinned pixels below were made with it; the reference divisor has its own test
     base = dict(primary="primary", bn_pool=["bn_a", "bn_b", "no_bn"], selection="pre", slots=3, slot_prob=0.5,
                 init="noise", lr=0.1, iterations=6, schedule="flat", jitter=2, crop_scale=[0.5, 1.0],
-                image_format="png")
+                image_format="png", bn_average="bn_only")
     return RecoverConfig(**{**base, **overrides})
 
 
@@ -199,26 +201,56 @@ def test_imagenet_shaped_shard_on_cpu():
     assert set(result.records[0].bn_teachers) == set(pool)
 
 
-# sha256 of one shard's 8-bit pixels (what the JPEG/PNG encoder receives), per CPU kernel family: the engine's
-# CPU output is bit-stable for a given torch version and vector unit, so any change to the step's arithmetic
-# shows up here. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build. An entry is
-# updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
-PINNED_PIXELS = {
-    ("2.14.1", "AVX512"): "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a",
-}
+# One shard's 8-bit pixels (what the JPEG/PNG encoder receives), pinned in pinned_shard_pixels.png: its 4 images of
+# 16x16 side by side, lossless. Pixels rather than files: JPEG/PNG bytes also depend on the Pillow/zlib build.
+# The engine's CPU output is bit-stable for a given torch version, so any change to the step's arithmetic shows
+# up here; the pin is updated only by a change that says why its bytes differ (see docs/recover.md, "Speed").
+# Machines may legitimately differ where float sums are reassociated by other CPU kernels: the test compares the
+# pixels, never the machine's name. With torch 2.14.1 on x86 the bytes are identical whatever the vector unit
+# (ATEN_CPU_CAPABILITY=avx512, avx2 and default, 1 or 2 threads, all give the pinned digest); elsewhere a pixel
+# may move by one level: at most PIXEL_TOLERANCE of the pixels, by 1. A change to the shard itself (another
+# seed, another objective) moves almost every pixel by far more, as the test checks.
+PINNED_PIXELS = Path(__file__).with_name("pinned_shard_pixels.png")
+PINNED_DIGEST = "2189f5e0c75a842236c28e3a8e5146df1f6455540587de4d5100771b82222f6a"  # sha256 of the pinned bytes
+PIXEL_TOLERANCE = 0.02
+
+
+def pinned_shard_pixels(pool, norm, seed: int = 21) -> torch.Tensor:
+    from prism_ray.algo.encode import to_uint8
+
+    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
+    return to_uint8(synthesize_shard(pool, spec(seed), cfg, norm, shape=SHAPE).images, norm)
+
+
+def read_pinned_pixels() -> torch.Tensor:
+    import numpy as np
+    from PIL import Image
+
+    strip = torch.from_numpy(np.asarray(Image.open(PINNED_PIXELS), dtype=np.uint8).copy())  # (16, 4 * 16)
+    return strip.reshape(16, 4, 16).permute(1, 0, 2).unsqueeze(1).contiguous()  # (4, 1, 16, 16)
+
+
+def pixel_change(a: torch.Tensor, b: torch.Tensor) -> tuple[int, float]:
+    """Largest difference in levels, and the fraction of pixels that differ at all."""
+    d = (a.int() - b.int()).abs()
+    return int(d.max()), float((d > 0).float().mean())
 
 
 def test_shard_pixels_are_pinned(pool, norm):
     import hashlib
 
-    from prism_ray.algo.encode import to_uint8
-
-    cfg = recover_cfg(selection="intra", iterations=8, image_format="jpeg", bn_normalize=True)
-    result = synthesize_shard(pool, spec(21), cfg, norm, shape=SHAPE)
-    digest = hashlib.sha256(to_uint8(result.images, norm).numpy().tobytes()).hexdigest()
-    key = (torch.__version__.split("+")[0], torch.backends.cpu.get_cpu_capability())
-    assert key in PINNED_PIXELS, f"no pinned pixels for torch {key[0]} on {key[1]}: this machine gives {digest}"
-    assert digest == PINNED_PIXELS[key]
+    pinned = read_pinned_pixels()
+    assert hashlib.sha256(pinned.numpy().tobytes()).hexdigest() == PINNED_DIGEST  # the file is the pin
+    pixels = pinned_shard_pixels(pool, norm)
+    assert pixels.shape == pinned.shape
+    digest = hashlib.sha256(pixels.numpy().tobytes()).hexdigest()
+    worst, moved = pixel_change(pixels, pinned)
+    if digest != PINNED_DIGEST:  # another CPU's kernels: a level here and there, never a different image
+        assert worst <= 1 and moved <= PIXEL_TOLERANCE, (
+            f"this machine gives {digest}: {moved:.1%} of the pixels differ from the pin, by up to {worst} levels")
+    # the tolerance is no blind spot: the same shard under another seed is another image
+    worst, moved = pixel_change(pinned_shard_pixels(pool, norm, seed=22), pinned)
+    assert worst > 100 and moved > 0.5
 
 
 def test_encoding_waits_for_the_first_read(pool, norm):
@@ -289,3 +321,69 @@ def test_a_failing_shard_leaves_no_hooks_on_the_pool(pool, norm):
     with pytest.raises(ValueError, match="beta parameter"):  # Adam refuses it after the hooks exist
         synthesize_shard(pool, spec(), recover_cfg(betas=[2.0, 0.9]), norm, shape=SHAPE)
     assert [h for m in pool.values() for layer in m.modules() for h in layer._forward_hooks.values()] == []
+
+
+def reference_bn_term(bn_teachers: list, x: torch.Tensor, first_multiplier: float = 10.0) -> float:
+    """The BN term of the authors' data_synthesis.py (before r_bn): each teacher's sum over its BatchNorm2d
+    layers of ||running_var - var||_2 + ||running_mean - mean||_2 of the layer's input (the first layer x10),
+    summed over the drawn teachers, divided by count_aux, which counts every drawn teacher: a BN-free one adds
+    nothing to the sum (the sum over its empty hook list is 0) and 1 to the count."""
+    def r_feature(module, inputs, output):
+        a = inputs[0]
+        var = a.permute(1, 0, 2, 3).reshape(a.shape[1], -1).var(1, unbiased=False)
+        terms.append(torch.norm(module.running_var - var, 2) + torch.norm(module.running_mean - a.mean([0, 2, 3]), 2))
+
+    total, count_aux = 0.0, 0
+    for model in bn_teachers:
+        count_aux += 1
+        terms = []
+        hooks = [m.register_forward_hook(r_feature) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        with torch.no_grad():
+            model(x)
+        for h in hooks:
+            h.remove()
+        total += sum(t.item() * (first_multiplier if i == 0 else 1.0) for i, t in enumerate(terms))
+    return total / count_aux
+
+
+def test_the_reference_divisor_with_a_bn_free_teacher_drawn_equals_the_authors_count_aux(pool, norm):
+    """The prism preset's bn_average (reference): find shards whose draw holds the BN-free teacher (alexnet's
+    role) and compare the first step's BN term with the authors' formula on the same view."""
+    from prism_ray.algo.augment import apply_view, draw_view
+    from prism_ray.algo.seeding import generator
+    from prism_ray.config_loader import load_config
+
+    assert load_config(overrides=["recover.preset=prism"]).recover.bn_average == "reference"
+    cfg = recover_cfg(selection="pre", bn_average="reference", iterations=1, jitter=2, crop_scale=[0.5, 1.0])
+    checked = 0
+    for seed in range(40):
+        sp = spec(seed)
+        result = synthesize_shard(pool, sp, cfg, norm, shape=SHAPE)
+        drawn = result.records[0].bn_teachers
+        if "no_bn" not in drawn:
+            continue
+        x0 = initial_images(sp, cfg, None, SHAPE)
+        view = draw_view(generator(sp.seed, "augment"), SHAPE[1], SHAPE[2], cfg.crop_scale, cfg.jitter)
+        want = reference_bn_term([pool[n] for n in drawn], apply_view(x0, view))
+        assert result.history["loss_bn"][0] == pytest.approx(want, rel=1e-5), drawn
+        bn_only = synthesize_shard(pool, sp, dataclasses.replace(cfg, bn_average="bn_only"), norm, shape=SHAPE)
+        assert bn_only.history["loss_bn"][0] == pytest.approx(want * len(drawn) / (len(drawn) - 1), rel=1e-5)
+        checked += 1
+    assert checked >= 3  # draws with the BN-free teacher and zero, one or two BN teachers beside the primary
+
+
+def test_a_shared_teacher_seed_gives_shards_the_same_draw(pool, norm):
+    cfg = recover_cfg(selection="pre", iterations=1)
+    draws = {tuple(synthesize_shard(pool, ShardSpec(f"s{s}", 0, (0, 1), s, teacher_seed=77), cfg, norm,
+                                    shape=SHAPE).records[0].bn_teachers) for s in range(6)}
+    assert len(draws) == 1
+    own = {tuple(synthesize_shard(pool, spec(s), cfg, norm, shape=SHAPE).records[0].bn_teachers) for s in range(6)}
+    assert len(own) > 1
+
+
+def test_bf16_precision_runs_anywhere_and_fp32_is_the_default(pool, norm):
+    assert RecoverConfig().precision == "fp32"
+    fp32 = synthesize_shard(pool, spec(3), recover_cfg(iterations=3), norm, shape=SHAPE)
+    bf16 = synthesize_shard(pool, spec(3), recover_cfg(iterations=3, precision="bf16"), norm, shape=SHAPE)
+    assert bf16.images.dtype == torch.float32 and torch.isfinite(bf16.images).all()
+    assert not torch.equal(fp32.images, bf16.images)  # the teachers ran in bf16

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from prism_ray.cli import main
-from prism_ray.storage import Storage
+from prism_ray.storage import ShardStore, Storage
 from tests.data.test_datasets import _parquet_table, make_image_folder
 
 
@@ -105,9 +105,11 @@ def test_cmyk_jpeg_and_16_bit_png_simply_work(tmp_path):
     # the random real set holds each class's only image, 16 px, stored as PNG: the decoded pixels themselves
     out = Storage(str(tmp_path / "out"))
 
+    store = ShardStore(out, "recover/random_real")
+    rows = {r["class_id"]: r for r in store.read_combined().to_pylist()}
+
     def stored(class_id: int) -> np.ndarray:
-        return np.asarray(Image.open(io.BytesIO(out.read_bytes(f"recover/random_real/images/{class_id:05d}/"
-                                                               f"{class_id:05d}_ipc0000.png"))).convert("RGB"))
+        return np.asarray(Image.open(io.BytesIO(store.read_output(rows[class_id]))).convert("RGB"))
 
     cmyk, grey8, rgb8 = stored(0), stored(1), stored(2)
     assert np.abs(cmyk.astype(int) - [200, 30, 90]).max() <= 3  # JPEG rounding only

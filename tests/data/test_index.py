@@ -15,7 +15,7 @@ from prism_ray.config import DataConfig, StorageConfig
 from prism_ray.data import DataError, build_dataset
 from prism_ray.data.fashion_mnist import CLASS_NAMES
 from prism_ray.data.index import DataIndex, build_indexes, data_source, read_index, write_indexes
-from prism_ray.storage import Storage
+from prism_ray.storage import ShardStore, Storage
 from tests.conftest import FMNIST_ROOT
 from tests.data.test_datasets import _parquet_table, make_image_folder
 
@@ -148,7 +148,7 @@ def test_a_run_lists_once_resumes_from_its_index_and_relists_when_pointed_at_oth
     assert main(["recover", moved, "--local", "--quiet", "--fresh"]) == 0
     index = read_index(str(out / "data"), "train")
     assert index.class_names == ["dog", "eel"] and len(index) == 6
-    real = Storage(str(out)).read_table("recover/random_real/manifest.parquet")
+    real = ShardStore(Storage(str(out)), "recover/random_real").read_combined()
     assert sorted(real.column("class_id").to_pylist()) == [0, 1]
 
 

@@ -5,6 +5,7 @@ import posixpath
 
 from prism_ray import pipeline
 from prism_ray.config_loader import config_from_dict
+from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.storage import ShardStore, Storage
 from tests.conftest import FMNIST_ROOT
@@ -13,7 +14,7 @@ from tests.conftest import FMNIST_ROOT
 def recover_config(output: str, *, ipc: int = 6, classes: int = 4, group: int = 2, iterations: int = 10,
                    workers: int = 2, **sections):
     raw = {
-        "run": {"name": "orch", "output": output, "seed": 1, "stages": ["recover"]},
+        "run": {"name": "orch", "output": output, "seed": 1, "stages": ["recover"], "lease_seconds": 5},
         "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": classes, "max_per_class": 20},
         "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
                                 {"name": "t2", "arch": "convnet", "weights": "random"}]},
@@ -34,7 +35,7 @@ def planned_stage(cfg, stage_name: str = "recover", record_plan: bool = True):
     context = pipeline.data_context(cfg)
     pipeline.record_run(cfg, storage, context)
     (stage,) = pipeline.build_stages(cfg, storage, context, [stage_name])
-    stage.check_config()
+    stage.prepare()
     if record_plan:
         pipeline.record_plan(stage)
     return stage, storage
@@ -50,17 +51,18 @@ def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, ex
         assert store.verify(sid) == [], sid
         listed += store.read(sid).column("path").to_pylist()
     assert len(listed) == len(set(listed)) == expected_images
-    on_disk = [posixpath.relpath(p, storage.path(recover_prefix(set_name)))
-               for p in storage.fs.find(storage.path(f"{recover_prefix(set_name)}/images"))]
-    assert sorted(on_disk) == sorted(listed)
-    combined = storage.read_table(f"{recover_prefix(set_name)}/manifest.parquet")
-    assert combined.num_rows == expected_images
+    root = storage.path(store.key(""))
+    on_disk = [posixpath.relpath(p, root) for p in storage.fs.find(storage.path(store.key("images")))]
+    assert sorted(on_disk) == sorted(listed)  # no file of an attempt that did not commit is left
+    assert store.read_combined().num_rows == expected_images
+    # one generation: nothing of an earlier (reset) one is left beside it
+    assert [k.rsplit("/", 1)[-1] for k in storage.list(recover_prefix(set_name)) if "/g" in k] == [store.generation]
 
 
 def pipeline_config(output: str, **sections):
     """All four stages on 4 Fashion-MNIST classes with random-weight teachers: seconds per stage."""
     raw = {
-        "run": {"name": "e2e", "output": output, "seed": 2},
+        "run": {"name": "e2e", "output": output, "seed": 2, "lease_seconds": 5},
         "data": {"dataset": "fashion_mnist", "root": FMNIST_ROOT, "classes": 4, "max_per_class": 20,
                  "max_val": 200},
         "teachers": {"models": [{"name": "t1", "arch": "convnet", "weights": "random"},
@@ -90,7 +92,7 @@ def start_stage_thread(cfg, kind: str = "recover"):
     context = pipeline.data_context(cfg)
     pipeline.record_run(cfg, storage, context)
     stage = pipeline.build_stages(cfg, storage, context, [kind])[0]
-    stage.check_config()
+    stage.prepare()
     pipeline.record_plan(stage)
     result: dict = {}
 
@@ -126,6 +128,98 @@ def worker_actors() -> list:
 
 def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
     """Unit id -> id of the node whose worker committed it, from the stage's unit records."""
-    from prism_ray.orchestration.workers import RECORDS
+    from prism_ray.storage import RECORDS
+    store = ShardStore(storage, prefix)
     return {posixpath.basename(k)[: -len(".json")]: storage.read_json(k)["node_id"]
-            for k in storage.list(f"{prefix}/{RECORDS}", suffix=".json")}
+            for k in storage.list(store.key(RECORDS), suffix=".json")}
+
+
+def sleep_stage(cfg, storage, seconds: list[float], prefix: str = "test/sleep"):
+    """A stage of len(seconds) units whose unit i only sleeps seconds[i] (no CPU), then commits one small file:
+    dispatch tests choose how long each unit takes. Prepared (its generation taken up), as a driver does."""
+    stage = _SleepStage(cfg, storage, RunContext(1, ["c0"], [1]), list(seconds), prefix)
+    stage.prepare()
+    return stage
+
+
+class _SleepStage(Stage):
+    kind = "test"
+
+    def __init__(self, cfg, storage, context, seconds, prefix):
+        super().__init__(cfg, storage, context)
+        self.seconds, self._prefix = seconds, prefix
+
+    @property
+    def prefix(self) -> str:
+        return self._prefix
+
+    def units(self) -> list[Unit]:
+        return [Unit(f"u{i:02d}", {"seconds": s}) for i, s in enumerate(self.seconds)]
+
+    def fingerprint(self) -> dict:
+        return {"seconds": self.seconds}
+
+    def open_worker(self) -> Worker:
+        return _SleepWorker(self)
+
+
+class _SleepWorker(Worker):
+    def __init__(self, stage):
+        self.stage = stage
+
+    def compute(self, unit: Unit):
+        import time
+        time.sleep(unit.payload["seconds"])
+        return unit.payload["seconds"]
+
+    def commit(self, unit: Unit, computed) -> dict:
+        res = self.stage.store.commit(unit.id, [(f"{unit.id}.txt", b"slept")], [{"seconds": computed}])
+        return {"committed": res.committed}
+
+
+def autoscaler_request() -> dict:
+    """What this cluster's autoscaler is asked to make room for (`request_resources`): bundle shape -> count."""
+    import json
+    from collections import Counter
+
+    import ray
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    if is_autoscaler_v2():
+        from ray.autoscaler.v2.sdk import get_cluster_status
+        status = get_cluster_status(ray.get_runtime_context().gcs_address)
+        return {tuple(sorted(r.bundle.items())): r.count
+                for d in status.resource_demands.cluster_constraint_demand for r in d.bundles_by_count}
+    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
+    from ray.experimental.internal_kv import _internal_kv_get
+    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
+    return dict(Counter(tuple(sorted(b.items())) for b in json.loads(raw or "[]")))
+
+
+def session_processes(sid: int) -> list[int]:
+    """Pids of the processes of session `sid` (those a `setsid` command started, and their children)."""
+    import os
+
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after the name: state, ppid, pgrp, session
+            found.append(int(entry))
+    return found
+
+
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid`."""
+    import os
+    import signal
+
+    for pid in session_processes(sid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections import Counter
 
 import pytest
 import ray
@@ -22,8 +21,8 @@ from prism_ray.orchestration.workers import FAKE_GPUS_ENV
 from prism_ray.stages.base import StageError
 from prism_ray.storage import ShardStore
 from tests.orchestration.conftest import add_gpu_node
-from tests.orchestration.helpers import (check_exactly_once, recover_config, start_stage_thread, unit_nodes,
-                                         wait_until, worker_actors)
+from tests.orchestration.helpers import (autoscaler_request, check_exactly_once, recover_config, start_stage_thread,
+                                         unit_nodes, wait_until, worker_actors)
 
 pytestmark = pytest.mark.slow
 PREFIX = "recover/prism"
@@ -90,20 +89,6 @@ def test_nodes_removed_twice_leave_every_shard_once(ray_cluster, tmp_path):
     check_exactly_once(storage, "prism", 20, 40)
 
 
-def _autoscaler_request() -> dict:
-    """The resources this cluster was asked to make room for (`request_resources`): bundle shape -> count."""
-    from ray.autoscaler.v2.utils import is_autoscaler_v2
-    if is_autoscaler_v2():
-        from ray.autoscaler.v2.sdk import get_cluster_status
-        status = get_cluster_status(ray.get_runtime_context().gcs_address)
-        return {tuple(sorted(r.bundle.items())): r.count
-                for d in status.resource_demands.cluster_constraint_demand for r in d.bundles_by_count}
-    from ray.autoscaler._private.constants import AUTOSCALER_RESOURCE_REQUEST_CHANNEL
-    from ray.experimental.internal_kv import _internal_kv_get
-    raw = _internal_kv_get(AUTOSCALER_RESOURCE_REQUEST_CHANNEL)
-    return dict(Counter(tuple(sorted(b.items())) for b in json.loads(raw or "[]")))
-
-
 def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     c = ray_cluster(gpu_nodes=1)
     cfg = recover_config(str(tmp_path / "run"), ipc=20, iterations=100,
@@ -113,7 +98,7 @@ def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     wait_until(count(1), what="one worker on the one GPU node")
     # room for ray.max_workers workers is asked of the autoscaler while the queue is long, and withdrawn at the end
     shape = (("CPU", 0.5), ("GPU", 1.0))
-    wait_until(lambda: _autoscaler_request() == {shape: 3}, what="a request for room for three workers")
+    wait_until(lambda: autoscaler_request() == {shape: 3}, what="a request for room for three workers")
     second = add_gpu_node(c)
     wait_until(count(2), what="a second worker on the node that joined")
     add_gpu_node(c)
@@ -125,7 +110,7 @@ def test_auto_workers_follow_the_nodes(ray_cluster, tmp_path):
     assert (report.nodes_joined, report.nodes_left) == (2, 1)
     assert report.workers_started >= 3 and report.workers_lost >= 1
     assert worker_actors() == []  # the queue drained: every worker ended
-    assert _autoscaler_request() == {}
+    assert autoscaler_request() == {}
     check_exactly_once(storage, "prism", 40, 80)
 
 

@@ -2,7 +2,6 @@
 and the driver itself killed with SIGKILL. Every shard must end up committed exactly once."""
 from __future__ import annotations
 
-import io
 import json
 import os
 import signal
@@ -13,13 +12,11 @@ import time
 
 import pytest
 import ray
-import torch
 import yaml
 from ray.cluster_utils import Cluster
 
 from prism_ray import pipeline
 from prism_ray.orchestration.dispatch import run_stage_ray
-from prism_ray.stages.recover import RecoverStage
 from prism_ray.storage import ShardStore
 from tests.orchestration.helpers import check_exactly_once, planned_stage, recover_config
 
@@ -169,7 +166,7 @@ def test_relabel_driver_killed_then_rerun(cluster, tmp_path):
 
 
 def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
-    from prism_ray.stages.evaluate import STUDENTS_PREFIX, StudentStage, checkpoint_key
+    from prism_ray.stages.evaluate import STUDENTS_PREFIX, Checkpoints, StudentStage
     from tests.orchestration.helpers import pipeline_config
     cfg = pipeline_config(str(tmp_path / "run"), relabel={"mode": "live", "mix_group": 4},
                           evaluate={"epochs": 400, "batch_size": 8, "seeds": [0], "checkpoint_every": 10},
@@ -179,22 +176,28 @@ def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
     storage = pipeline.open_storage(cfg)
     context = pipeline.data_context(cfg)
     stage = StudentStage(cfg, storage, context)
-    stage.check_config()
+    stage.prepare()
+    stage.bind()
     (unit,) = stage.units()
+    checkpoints = Checkpoints(stage.store, unit, stage.lineage_digest)
     result = {}
     thread = threading.Thread(target=lambda: result.update(report=run_stage_ray(stage, cfg.ray, quiet=True)),
                               daemon=True)
     thread.start()
     deadline = time.time() + 120
-    while not storage.exists(checkpoint_key(unit)) and time.time() < deadline:
+    while not storage.exists(checkpoints.pointer) and time.time() < deadline:
         time.sleep(0.05)
-    saved_epoch = torch.load(io.BytesIO(storage.read_bytes(checkpoint_key(unit))), weights_only=False)["epoch"]
+    saved_epoch = checkpoints.load()["epoch"]  # verified against its sha256, loaded with weights_only
     (victim,) = _worker_actors()
     ray.kill(ray.get_actor(victim.name, namespace="prism-ray"), no_restart=True)
     thread.join(timeout=600)
     report = result["report"]
     assert report.complete and report.workers_lost == 1
-    (row,) = storage.read_table(f"{STUDENTS_PREFIX}/manifest.parquet").to_pylist()
+    (row,) = ShardStore(storage, f"{STUDENTS_PREFIX}").read_combined().to_pylist()
     assert row["resumed_from_epoch"] >= saved_epoch >= 10  # from its checkpoint, not from epoch 0
     assert row["epochs"] == 400
-    assert not storage.exists(checkpoint_key(unit))  # the commit cleared it
+    assert not storage.exists(checkpoints.pointer)  # the commit cleared it
+    assert not storage.fs.find(storage.path(stage.store.key("checkpoints")))
+    # scored after epochs 1, 11, ..., 391 and 400, once each: the scores before the kill came back with the
+    # checkpoint, those between the checkpoint and the kill were made again
+    assert row["scored_epochs"] == 41 and row["best_top1"] >= row["top1"]

@@ -11,6 +11,7 @@ from PIL import Image
 from prism_ray import pipeline
 from prism_ray.cli import main
 from prism_ray.status import run_status
+from prism_ray.storage import ShardStore
 from tests.data.test_datasets import make_image_folder
 from tests.orchestration.helpers import check_exactly_once, recover_config
 
@@ -23,7 +24,7 @@ def test_two_workers_commit_every_shard_once(tmp_path):
     assert (report.total, report.ran, report.skipped, report.duplicates, report.failed) == (12, 12, 0, 0, {})
     storage = pipeline.open_storage(cfg)
     check_exactly_once(storage, "prism", 12, 24)
-    rows = storage.read_table("recover/prism/manifest.parquet").to_pylist()
+    rows = ShardStore(storage, "recover/prism").read_combined().to_pylist()
     assert {(r["class_id"], r["ipc_index"]) for r in rows} == {(c, k) for c in range(4) for k in range(6)}
     assert all(r["primary_teacher"] == "t1" and r["iterations"] == 10 for r in rows)
     (st,) = run_status(storage)["stages"]
@@ -85,8 +86,9 @@ def test_recover_on_s3(s3_endpoint, s3_bucket):
     storage = pipeline.open_storage(cfg)
     check_exactly_once(storage, "prism", 6, 12)
     # a shard whose images exist but whose manifest does not is redone; the others are skipped
-    storage.delete("recover/prism/manifests/ipc0002-cls0000-0001.parquet")
-    storage.delete("recover/prism/manifest.parquet")
+    store = ShardStore(storage, "recover/prism")
+    storage.delete(store.manifest_key("ipc0002-cls0000-0001"))
+    storage.delete(store.combined_key)
     (again,) = pipeline.execute(cfg, ["recover"], quiet=True)
     assert (again.ran, again.skipped) == (1, 5)
     check_exactly_once(storage, "prism", 6, 12)

@@ -19,6 +19,7 @@ from prism_ray.cli import main
 from prism_ray.data import build_dataset
 from prism_ray.stages.base import classify_change
 from prism_ray.stats import paired_difference
+from prism_ray.storage import ShardStore
 from tests.orchestration.helpers import pipeline_config
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -37,7 +38,7 @@ def growth_config(output: str, ipc: int, **recover):
 def snapshot(storage, set_name: str) -> dict[str, tuple[bytes, int]]:
     """Every file of a set's images and manifests: content and modification time (ns)."""
     out = {}
-    root = storage.path(f"recover/{set_name}")
+    root = storage.path(ShardStore(storage, f"recover/{set_name}").key(""))
     for sub in ("images", "manifests"):
         for path in storage.fs.find(f"{root}/{sub}"):
             with open(path, "rb") as f:
@@ -67,9 +68,10 @@ def test_growth_runs_only_the_new_ipc_indices(grown):
         assert (r.total, r.skipped, r.ran, r.failed) == (6, 4, 2, {}), s
     storage = grown["storage"]
     for s in SETS:
-        assert sorted(storage.list(f"recover/{s}/manifests")) == sorted(
-            f"recover/{s}/manifests/ipc{k:04d}-cls{a:04d}-{a + 1:04d}.parquet" for k in range(3) for a in (0, 2))
-        rows = storage.read_table(f"recover/{s}/manifest.parquet").to_pylist()
+        store = ShardStore(storage, f"recover/{s}")
+        assert sorted(storage.list(store.key("manifests"))) == sorted(
+            store.manifest_key(f"ipc{k:04d}-cls{a:04d}-{a + 1:04d}") for k in range(3) for a in (0, 2))
+        rows = ShardStore(storage, f"recover/{s}").read_combined().to_pylist()
         assert sorted((r["class_id"], r["ipc_index"]) for r in rows) == [(c, k) for c in range(4) for k in range(3)]
 
 
@@ -92,9 +94,9 @@ def test_grown_set_equals_a_fresh_run_of_the_larger_ipc(grown, tmp_path):
     fresh = pipeline.open_storage(fresh_cfg)
     storage = grown["storage"]
     for s in SETS:
-        a = storage.read_table(f"recover/{s}/manifest.parquet").sort_by([("class_id", "ascending"),
+        a = ShardStore(storage, f"recover/{s}").read_combined().sort_by([("class_id", "ascending"),
                                                                           ("ipc_index", "ascending")])
-        b = fresh.read_table(f"recover/{s}/manifest.parquet").sort_by([("class_id", "ascending"),
+        b = ShardStore(fresh, f"recover/{s}").read_combined().sort_by([("class_id", "ascending"),
                                                                        ("ipc_index", "ascending")])
         assert a.column("sha256").to_pylist() == b.column("sha256").to_pylist(), s
     old_picks = {}
@@ -103,7 +105,7 @@ def test_grown_set_equals_a_fresh_run_of_the_larger_ipc(grown, tmp_path):
             old_picks.update({(r["class_id"], r["ipc_index"]): r["source_index"]
                               for r in pq.read_table(io.BytesIO(data)).to_pylist()})
     now = {(r["class_id"], r["ipc_index"]): r["source_index"]
-           for r in storage.read_table("recover/random_real/manifest.parquet").to_pylist()}
+           for r in ShardStore(storage, "recover/random_real").read_combined().to_pylist()}
     assert len(old_picks) == 8 and all(now[key] == v for key, v in old_picks.items())
     assert len(set(now.values())) == len(now)  # no real image picked twice
 
@@ -129,7 +131,7 @@ def test_lowering_the_ipc_or_changing_a_shard_field_is_refused(grown, tmp_path, 
     assert "recover.lr" in err and "recover.ipc (raised from 3 to 4)" in err
     # nothing was touched by the refusals
     assert main(["status", grown["big"].run.output]) == 0
-    assert grown["storage"].read_json("recover/prism/config.json")["recover"]["ipc"] == 3
+    assert ShardStore(grown["storage"], "recover/prism").record()["config"]["recover"]["ipc"] == 3
 
 
 def test_classify_change():
@@ -147,13 +149,13 @@ def test_retention_is_recorded_per_image(grown):
     train = build_dataset(cfg.data, "train")
     means = {}
     for s in SETS:
-        rows = storage.read_table(f"recover/{s}/manifest.parquet").to_pylist()
+        rows = ShardStore(storage, f"recover/{s}").read_combined().to_pylist()
         if s == "random_real":
             assert all(r["init_ssim"] is None and r["init_ssim_ref"] is None for r in rows)
             continue
         assert {r["init_ssim_ref"] for r in rows} == {"init" if s == "prism" else "kth_real"}
         for r in rows[:3]:  # the recorded value is the SSIM of the saved (PNG, lossless) image to the real one
-            png = Image.open(io.BytesIO(storage.read_bytes(f"recover/{s}/{r['path']}")))
+            png = Image.open(io.BytesIO(ShardStore(storage, f"recover/{s}").read_output(r)))
             saved = torch.from_numpy(np.asarray(png, dtype=np.float32))[None, None] / 255
             real = train.pixels_at([r["class_id"]], r["ipc_index"])
             real = (real * 255).round() / 255

@@ -12,7 +12,7 @@ from prism_ray.data.base import Normalization
 from prism_ray.stages.base import StageError
 from prism_ray.stages.image_sets import ImageSetCache, choose_holding, load_image_set
 from prism_ray.stages.recover import recover_prefix
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import ShardStore, Storage, begin_stage
 
 GiB = 1 << 30
 NORM = Normalization((0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
@@ -24,7 +24,7 @@ def pixels(n: int, size: int = 12, seed: int = 0) -> torch.Tensor:
 
 def commit_set(storage: Storage, name: str, images: torch.Tensor, classes: int, fmt: str = "png") -> None:
     """Images as recover commits them (class c, ipc k), in two shards committed in reverse order."""
-    store = ShardStore(storage, recover_prefix(name))
+    store = begin_stage(storage, recover_prefix(name))
     items = [(i % classes, i // classes, img) for i, img in enumerate(images)]
     half = len(items) // 2
     for shard, part in (("s1", items[half:]), ("s0", items[:half])):
@@ -57,7 +57,7 @@ def test_a_set_is_held_as_uint8_in_class_then_ipc_order(tmp_path):
     held = s.images.pixels
     assert held.dtype == torch.uint8 and held.shape == (10, 3, 12, 12)
     assert s.labels.tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
-    assert s.paths[:3] == ["images/0/0_ipc0.png", "images/0/0_ipc1.png", "images/1/1_ipc0.png"]
+    assert [p.split(".")[0] for p in s.paths[:3]] == ["images/0/0_ipc0", "images/0/0_ipc1", "images/1/1_ipc0"]
     want = torch.stack([images[k * 5 + c] for c in range(5) for k in range(2)])
     assert torch.equal(held, want)  # PNG is lossless: the committed pixels, byte for byte
     # network input is the old decode's (x / 255 - mean) / std
@@ -70,7 +70,7 @@ def test_encoded_holding_gives_the_same_batches(tmp_path):
     commit_set(storage, "prism", pixels(24, size=16, seed=1), classes=4, fmt="jpeg")
     host = load_image_set(storage, "prism", NORM, 3, holding="host")
     enc = load_image_set(storage, "prism", NORM, 3, holding="encoded", loader_workers=2)
-    files = storage.read_table(f"{recover_prefix('prism')}/manifest.parquet").column("bytes").to_pylist()
+    files = ShardStore(storage, f"{recover_prefix('prism')}").read_combined().column("bytes").to_pylist()
     assert enc.holding == "encoded" and enc.images.buffer.nbytes == sum(files)  # the files' bytes, nothing more
     order = torch.randperm(24, generator=torch.Generator().manual_seed(3))
     ranges = [(0, 10), (10, 20), (20, 24)]
@@ -100,16 +100,17 @@ def test_bad_sets_fail_with_the_file_named(tmp_path):
     with pytest.raises(StageError, match="run the recover stage first"):
         load_image_set(storage, "prism", NORM, 3)
     commit_set(storage, "prism", pixels(6), classes=3)
-    key = f"{recover_prefix('prism')}/images/1/1_ipc0.png"
-    storage.write_bytes(key, encode_pixels(pixels(1, seed=9)[0], "png"))
-    with pytest.raises(StageError, match=r"1_ipc0\.png: checksum differs"):
+    store = ShardStore(storage, recover_prefix("prism"))
+    (row,) = [r for r in store.read_combined().to_pylist() if r["path"].startswith("images/1/1_ipc0.")]
+    storage.write_bytes(store.key(row["path"]), encode_pixels(pixels(1, seed=9)[0], "png"))
+    with pytest.raises(StageError, match=r"1_ipc0\.\w+\.png: checksum differs"):
         load_image_set(storage, "prism", NORM, 3)
-    store = ShardStore(storage, recover_prefix("odd"))
+    store = begin_stage(storage, recover_prefix("odd"))
     store.commit("s0", [("images/0/0_ipc0.png", encode_pixels(pixels(1)[0], "png")),
                         ("images/0/0_ipc1.png", encode_pixels(pixels(1, size=10)[0], "png"))],
                  [{"class_id": 0, "ipc_index": 0}, {"class_id": 0, "ipc_index": 1}])
     store.write_combined()
     for holding in ("host", "encoded"):
-        with pytest.raises(StageError, match=r"0_ipc1\.png: cannot be used as a set image \(image is 10x10 px, "
+        with pytest.raises(StageError, match=r"0_ipc1\.\w+\.png: cannot be used as a set image \(image is 10x10 px, "
                                              r"the set's images are 12x12\)"):
             load_image_set(storage, "odd", NORM, 3, holding=holding)

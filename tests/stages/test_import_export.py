@@ -20,7 +20,7 @@ from prism_ray import pipeline
 from prism_ray.cli import main
 from prism_ray.report import collect
 from prism_ray.status import run_status
-from prism_ray.storage import Storage
+from prism_ray.storage import ShardStore, Storage
 from tests.orchestration.helpers import pipeline_config, recover_config
 from tests.support.distilled_sets import image_bytes, write_sre2l_tree
 
@@ -31,9 +31,9 @@ IMPORTED = ("sre2l_release", "prism_folder", "prism_parquet")
 
 def set_files(storage: Storage, set_name: str) -> list[tuple[int, int, bytes]]:
     """(class, ipc, bytes) of a committed set, in the set's order, read through its combined manifest."""
-    rows = sorted(storage.read_table(f"recover/{set_name}/manifest.parquet").to_pylist(),
-                  key=lambda r: (r["class_id"], r["ipc_index"]))
-    return [(r["class_id"], r["ipc_index"], storage.read_bytes(f"recover/{set_name}/{r['path']}")) for r in rows]
+    store = ShardStore(storage, f"recover/{set_name}")
+    rows = sorted(store.read_combined().to_pylist(), key=lambda r: (r["class_id"], r["ipc_index"]))
+    return [(r["class_id"], r["ipc_index"], store.read_output(r)) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +69,7 @@ def test_imported_sets_are_committed_like_the_runs_own(runs):
         assert st["complete"] and st["images_committed"] == 8 and st["combined_manifest"], name
     assert stages["evaluate/students"]["committed"] == 5 * 2  # (prism, random_real, 3 imported) x 2 seeds
     # SRe2L's 32-px RGB JPEGs became 28-px greyscale PNGs; the source of each is recorded
-    rows = storage.read_table("recover/sre2l_release/manifest.parquet").to_pylist()
+    rows = ShardStore(storage, "recover/sre2l_release").read_combined().to_pylist()
     assert all(r["converted"] for r in rows)
     assert sorted(r["source"] for r in rows)[:2] == ["new000/class000_id000.jpg", "new000/class000_id001.jpg"]
     for _, _, blob in set_files(storage, "sre2l_release"):
@@ -84,7 +84,7 @@ def test_export_round_trip_is_byte_for_byte(runs):
     b = pipeline.open_storage(cfg_b)
     for name in ("prism_folder", "prism_parquet"):
         assert set_files(b, name) == original, name
-        assert not any(r["converted"] for r in b.read_table(f"recover/{name}/manifest.parquet").to_pylist())
+        assert not any(r["converted"] for r in ShardStore(b, f"recover/{name}").read_combined().to_pylist())
 
 
 def test_the_report_lists_imported_sets_with_paired_comparisons(runs):
@@ -136,20 +136,20 @@ def test_datasets_reads_the_parquet_export_as_images_with_class_names(runs, tmp_
 def test_the_export_carries_its_soft_labels_and_card(runs):
     cfg_a, _, exports, _ = runs
     storage = pipeline.open_storage(cfg_a)
-    stored = [r for r in storage.read_table("relabel/manifest.parquet").to_pylist() if r["set"] == "prism"]
+    stored = [r for r in ShardStore(storage, "relabel").read_combined().to_pylist() if r["set"] == "prism"]
     copied = sorted(Path(exports["parquet"], "soft_labels").iterdir())
     assert [p.name for p in copied] == ["prism-epochs-0000-0001.parquet", "prism-epochs-0002-0003.parquet",
                                         "prism-epochs-0004-0005.parquet"]
     by_start = {r["epoch_start"]: r for r in stored}
     for p in copied:
         start = int(p.name.split("-")[2])
-        assert p.read_bytes() == storage.read_bytes(f"relabel/{by_start[start]['path']}")
+        assert p.read_bytes() == ShardStore(storage, "relabel").read_output(by_start[start])
     card = Path(exports["parquet"], "README.md").read_text()
     record = storage.read_json("run.json")
     from prism_ray.export import config_digest
     assert f"sha256:{config_digest(record['config'])}" in card
     assert "primary teacher**: t1 (convnet, weights random)" in card and "IPC 2" in card
-    top1 = [r["top1"] for r in storage.read_table("evaluate/students/manifest.parquet").to_pylist()
+    top1 = [r["top1"] for r in ShardStore(storage, "evaluate/students").read_combined().to_pylist()
             if r["set"] == "prism"]
     assert f"| convnet | {100 * sum(top1) / len(top1):.2f} ±" in card
     assert card.startswith("---\npretty_name:")  # the Hugging Face card header names the data files

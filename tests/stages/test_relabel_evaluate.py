@@ -5,6 +5,8 @@ import json
 import re
 import statistics
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -14,6 +16,7 @@ from prism_ray.data import build_dataset
 from prism_ray.stages.image_sets import load_image_set
 from prism_ray.stages.relabel import LabelSource, read_epoch
 from prism_ray.status import run_status
+from prism_ray.storage import ShardStore
 from prism_ray.teacher_pool import load_pool, model_shape
 from tests.orchestration.helpers import pipeline_config
 
@@ -35,7 +38,7 @@ def test_every_stage_committed(finished_run):
     assert stages["relabel"]["committed"] == 6 and stages["relabel"]["missing"] == 0
     assert stages["evaluate/students"]["committed"] == 4
     assert stages["evaluate/diversity"]["committed"] == 3
-    labels = storage.list("relabel/labels")
+    labels = storage.list(ShardStore(storage, "relabel").key("labels"))
     assert len(labels) == 6  # one Parquet file per set per two epochs
 
 
@@ -69,16 +72,18 @@ def test_stored_labels_equal_live_labels(finished_run, holding):
 def test_workers_record_how_they_held_the_sets(finished_run):
     storage = pipeline.open_storage(finished_run)
     for prefix in ("relabel", "evaluate/students"):
-        rows = storage.read_table(f"{prefix}/manifest.parquet").to_pylist()
+        rows = ShardStore(storage, f"{prefix}").read_combined().to_pylist()
         assert {r["holding"] for r in rows} == {"host"}  # a few KB: decoded, in memory
         assert all(r["peak_rss_bytes"] > 0 for r in rows)
-    students = storage.read_table("evaluate/students/manifest.parquet").to_pylist()
+    students = ShardStore(storage, "evaluate/students").read_combined().to_pylist()
     assert {r["val_images"] for r in students} == {200}  # data.max_val, streamed
 
 
 def test_stored_label_rows_hold_the_plan_and_logits(finished_run):
     storage = pipeline.open_storage(finished_run)
-    table = storage.read_table("relabel/labels/prism-e0000-0001.parquet")
+    store = ShardStore(storage, "relabel")
+    (row,) = store.read("prism-e0000-0001").to_pylist()
+    table = pq.read_table(pa.BufferReader(store.read_output(row)))
     assert table.num_rows == 2 * 8  # two epochs x 8 images
     assert {"epoch", "position", "image", "crop", "flip", "partner", "mix_box", "mix_lam", "logits"} <= set(
         table.column_names)
@@ -94,7 +99,12 @@ def test_report_equals_results_parquet(finished_run, capsys):
     assert storage.read_bytes("report/samples.png")[:8] == b"\x89PNG\r\n\x1a\n"
     rows = storage.read_table("report/results.parquet").to_pylist()
     assert len(rows) == 4 and {r["set"] for r in rows} == {"prism", "random_real"}
+    # the prism recipe scores every 10 epochs and after the last: epochs 1 and 6 of 6; best and final kept
+    for r in rows:
+        assert r["scored_epochs"] == 2 and r["best_epoch"] in (1, 6)
+        assert r["best_top1"] >= r["top1"] and (r["best_epoch"] != 6 or r["best_top1"] == r["top1"])
     md = storage.read_bytes("report/report.md").decode()
+    assert "| final top-1 (%) | final top-5 (%) | best top-1 (%) |" in md and "e % 10 == 0" in md
     for set_name in ("prism", "random_real"):
         top1 = [r["top1"] for r in rows if r["set"] == set_name]
         mean, std = 100 * statistics.fmean(top1), 100 * statistics.stdev(top1)
@@ -108,3 +118,18 @@ def test_report_equals_results_parquet(finished_run, capsys):
     assert by_set["prism"]["top1_mean"] == pytest.approx(statistics.fmean(r["top1"] for r in rows
                                                                            if r["set"] == "prism"))
     assert {d["set"] for d in printed["diversity"]} == {"prism", "random_real", "real"}
+
+
+def test_a_run_ends_with_the_report_path_and_its_headline(finished_run, capsys):
+    # rerun on the finished run: nothing left to do, the report is rewritten and named last, with its numbers
+    from prism_ray.cli import run_command
+
+    assert run_command(finished_run, ["recover", "relabel", "evaluate"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    storage = pipeline.open_storage(finished_run)
+    figures = storage.read_json("report/report.json")
+    prism = next(a for a in figures["accuracy"] if a["set"] == "prism")
+    paired = next(p for p in figures["paired"] if p["baseline"] == "random_real")
+    assert err[-2] == f"report: {storage.uri('report/report.md')}"
+    assert err[-1] == (f"  convnet student, 2 seeds: prism top-1 {100 * prism['top1_mean']:.2f} %; prism − random_real "
+                       f"{100 * paired['mean']:+.2f} points [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}]")

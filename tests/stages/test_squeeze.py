@@ -15,6 +15,7 @@ from prism_ray.stages.base import ConfigMismatch
 from prism_ray.stages.squeeze import SqueezeStage
 from prism_ray.storage import sha256
 from prism_ray.teacher_pool import load_pool, model_shape
+from prism_ray.storage import ShardStore
 from tests.conftest import small_config
 
 
@@ -26,14 +27,16 @@ def _stage(cfg):
 def test_squeeze_trains_records_and_resumes(tmp_path):
     cfg = small_config(str(tmp_path / "run"), squeeze={"epochs": 4, "batch_size": 64})
     stage, storage = _stage(cfg)
-    stage.check_config()
+    stage.prepare()
     report = run_stage_local(stage, quiet=True)
     assert (report.ran, report.skipped, report.failed) == (2, 0, {})
-    rows = {r["teacher"]: r for r in storage.read_table("squeeze/manifest.parquet").to_pylist()}
+    rows = {r["teacher"]: r for r in ShardStore(storage, "squeeze").read_combined().to_pylist()}
     assert set(rows) == {"convnet", "shufflenet"}
     assert rows["convnet"]["val_top1"] > 0.4  # 600 images, 4 epochs: well above chance (0.1)
     assert rows["convnet"]["train_images"] == 600
-    digests = {n: sha256(storage.read_bytes(f"squeeze/teachers/{n}.pt")) for n in rows}
+    store = ShardStore(storage, "squeeze")
+    digests = {n: sha256(store.read_output(r)) for n, r in rows.items()}
+    assert all(r["sha256"] == digests[n] for n, r in rows.items())
 
     # the checkpoints are the models that scored what the manifest says
     pool = load_pool(["convnet"], model_shape(cfg, 10), cfg, storage, torch.device("cpu"))
@@ -44,10 +47,10 @@ def test_squeeze_trains_records_and_resumes(tmp_path):
     # resume: nothing is trained again, nothing rewritten
     again = run_stage_local(_stage(cfg)[0], quiet=True)
     assert (again.ran, again.skipped) == (0, 2)
-    assert {n: sha256(storage.read_bytes(f"squeeze/teachers/{n}.pt")) for n in rows} == digests
+    assert {n: sha256(store.read_output(r)) for n, r in rows.items()} == digests
 
     # a teacher whose manifest is gone is trained again, alone
-    storage.delete("squeeze/manifests/shufflenet.parquet")
+    storage.delete(store.manifest_key("shufflenet"))
     third = run_stage_local(_stage(cfg)[0], quiet=True)
     assert (third.ran, third.skipped) == (1, 1)
 
@@ -55,14 +58,16 @@ def test_squeeze_trains_records_and_resumes(tmp_path):
 def test_changed_config_is_refused_naming_the_field(tmp_path):
     cfg = small_config(str(tmp_path / "run"), data={"max_per_class": 20}, squeeze={"epochs": 0.2})
     stage, _ = _stage(cfg)
-    stage.check_config()
+    stage.prepare()
     run_stage_local(stage, quiet=True)
     changed = small_config(str(tmp_path / "run"), data={"max_per_class": 20}, squeeze={"epochs": 0.2, "lr": 0.2})
     with pytest.raises(ConfigMismatch, match="squeeze.lr"):
-        _stage(changed)[0].check_config()
+        _stage(changed)[0].prepare()
     stage2, storage = _stage(changed)
-    stage2.check_config(fresh=True)  # explicit start over
-    assert storage.list("squeeze/manifests") == []
+    old = stage2.store.generation
+    stage2.prepare(fresh=True)  # explicit start over
+    assert stage2.generation != old and stage2.store.committed() == set()
+    assert not storage.list(f"squeeze/{old}")  # the old generation is gone
 
 
 def test_squeeze_on_ray_via_cli(tmp_path, ray_local, capsys):

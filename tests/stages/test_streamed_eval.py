@@ -24,7 +24,7 @@ from prism_ray.data import build_dataset
 from prism_ray.stages.base import RunContext, Unit
 from prism_ray.stages.evaluate import REAL, REAL_PER_CLASS, DiversityStage
 from prism_ray.stages.recover import recover_prefix
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import Storage, begin_stage
 from tests.conftest import FMNIST_ROOT
 from tests.orchestration.helpers import pipeline_config
 
@@ -56,7 +56,7 @@ def test_diversity_streamed_equals_the_in_memory_computation(tmp_path):
     storage = Storage(cfg.run.output)
     train = build_dataset(cfg.data, "train")
     # a committed set as recover writes it, from real images (PNG: lossless)
-    store = ShardStore(storage, recover_prefix("prism"))
+    store = begin_stage(storage, recover_prefix("prism"))
     pixels = [(c, k, (train.pixels_at([c], k)[0] * 255).round().to(torch.uint8)) for c in range(4) for k in range(3)]
     store.commit("s0", [(f"images/{c}/{c}_ipc{k}.png", encode_pixels(p, "png")) for c, k, p in pixels],
                  [{"class_id": c, "ipc_index": k} for c, k, _ in pixels])
@@ -80,9 +80,8 @@ def test_diversity_streamed_equals_the_in_memory_computation(tmp_path):
     for c in want:
         assert got[c] == pytest.approx(want[c], abs=1e-12)
 
-    files = {r["path"]: storage.read_bytes(f"{recover_prefix('prism')}/{r['path']}")
-             for r in store.read_all().to_pylist()}
-    stacked = torch.stack([decode_image(files[f"images/{c}/{c}_ipc{k}.png"], train.normalization, 1)
+    files = {(r["class_id"], r["ipc_index"]): store.read_output(r) for r in store.read_all().to_pylist()}
+    stacked = torch.stack([decode_image(files[(c, k)], train.normalization, 1)
                            for c in range(4) for k in range(3)])  # the previous load_image_set
     want = class_diversity(worker.model, stacked, torch.arange(4).repeat_interleave(3))
     got = per_class("prism")

@@ -8,6 +8,8 @@ driver, Ray workers) passes through it and is counted per bucket and kind before
     proxy.counts("data-bucket")              # {"LIST": 0, "GET": 48, "HEAD": 0, "PUT": 0, "POST": 0, "DELETE": 0}
     proxy.reset(); proxy.stop()
 
+`drop_headers` removes request headers before forwarding: a stand-in for a store that ignores them.
+
 Kinds: LIST is a GET on a bucket (no key) that lists: `list-type`, `prefix`, `delimiter`, `versions` or
 `uploads` in the query, or no query at all; any other GET is a GET. HEAD, PUT, POST (multi-object delete,
 multipart uploads) and DELETE count as themselves. Requests are path-style (`/bucket/key`), which botocore
@@ -75,8 +77,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _send_upstream(self, body: bytes, fresh: bool) -> http.client.HTTPResponse:
         conn = self._upstream(fresh)
         conn.putrequest(self.command, self.path, skip_host=True, skip_accept_encoding=True)
+        dropped = self.server.counter.drop_headers
         for name, value in self.headers.items():
-            if name.lower() != "expect":  # this proxy already answered 100-continue to the client
+            # this proxy already answered 100-continue to the client; dropped headers stand for a store that
+            # ignores them (e.g. If-None-Match on an S3-compatible service without conditional writes)
+            if name.lower() != "expect" and name.lower() not in dropped:
                 conn.putheader(name, value)
         conn.endheaders(body if body else None)
         return conn.getresponse()
@@ -120,7 +125,8 @@ class _Server(ThreadingHTTPServer):
 class S3RequestCounter:
     """Counts S3 requests per bucket and kind while forwarding them to `upstream` (e.g. http://127.0.0.1:5000)."""
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0):
+    def __init__(self, upstream: str, host: str = "127.0.0.1", port: int = 0, drop_headers: tuple[str, ...] = ()):
+        self.drop_headers = {h.lower() for h in drop_headers}
         parts = urlsplit(upstream)
         self._upstream = (parts.hostname, parts.port or 80)
         self._address = (host, port)

@@ -1,7 +1,7 @@
 """Measure what the demo's pieces cost on this machine: a recover shard per method at the demo's settings and
 a student epoch per architecture (plus its validation pass), with the threads a demo worker gets.
 
-    heavy .venv/bin/python jobs/measure_costs.py [--threads 1] [--steps 30] [--epochs 3]
+    .venv/bin/python bench/measure_costs.py [--threads 1] [--steps 30] [--epochs 3]
 
 Teachers and students have random weights: the cost of a step does not depend on the weights. Prints one
 Markdown table per measurement; the figures feed the demo trim and the sweep/study wall-time estimates
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import time
 
-import torch
+import _common  # noqa: F401  (puts the repository on sys.path: runs without installing the package)
+import torch  # noqa: E402
 
 from prism_ray.algo.seeding import generator
 from prism_ray.algo.selection import TeacherSelection
@@ -25,7 +27,7 @@ from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config_loader import load_config
 from prism_ray.data import build_dataset
 
-DEMO = "jobs/configs/fmnist-demo.yaml"
+DEMO = os.path.join(_common.ROOT, "jobs", "configs", "fmnist-demo.yaml")
 
 
 def step_seconds(pool, rc, norm, init, steps: int) -> float:
