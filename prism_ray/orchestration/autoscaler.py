@@ -41,8 +41,7 @@ def _push() -> list[dict]:
             kv._internal_kv_del(key, namespace=NAMESPACE)
             continue
         total += json.loads(kv._internal_kv_get(key, namespace=NAMESPACE) or b"[]")
-    from ray.autoscaler.sdk import request_resources
-    request_resources(bundles=total)
+    _ask(total)
     return total
 
 
@@ -71,6 +70,16 @@ def release() -> int:
     keys = kv._internal_kv_list("", namespace=NAMESPACE)
     for key in keys:
         kv._internal_kv_del(key, namespace=NAMESPACE)
-    from ray.autoscaler.sdk import request_resources
-    request_resources(bundles=[])
+    _ask([])
     return len(keys)
+
+
+def _ask(bundles: list[dict]) -> None:
+    """request_resources on the cluster this process is connected to now. Ray remembers, once per process,
+    whether "the" cluster runs autoscaler v1 or v2 and picks where to write the request by it; a process that
+    has been connected to another cluster before (a notebook, a test session) would write to the wrong place
+    and the autoscaler would never see the request. So ask the connected cluster first."""
+    from ray.autoscaler.sdk import request_resources
+    from ray.autoscaler.v2.utils import is_autoscaler_v2
+    is_autoscaler_v2(fetch_from_server=True)
+    request_resources(bundles=bundles)
