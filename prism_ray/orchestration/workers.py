@@ -73,7 +73,11 @@ class StageActor:
         self.node = _this_node()
         self.worker = None
         self.start_error: Optional[dict] = None
-        self._compute_lock = threading.Lock()
+        # computes run one at a time, in the order the units arrived (a unit moved here from a busy worker is not
+        # overtaken by one sent after it); a plain Lock would let any waiting thread win
+        self._turns = threading.Condition()
+        self._waiting: list[str] = []  # units waiting to compute, oldest first (guarded by _turns)
+        self._computing = False
         self._state = threading.Lock()  # guards the two sets below
         self._started: set[str] = set()  # units that began computing here (never withdrawn after that)
         self._withdrawn: set[str] = set()  # units taken back before they began
@@ -106,11 +110,19 @@ class StageActor:
 
     def run(self, unit: Unit) -> dict:
         t0 = time.perf_counter()
-        while not self._compute_lock.acquire(timeout=WITHDRAWN_POLL_SECONDS):
-            with self._state:
-                if unit.id in self._withdrawn:
+        with self._turns:
+            self._waiting.append(unit.id)
+            while self._computing or self._waiting[0] != unit.id:
+                self._turns.wait(timeout=WITHDRAWN_POLL_SECONDS)
+                with self._state:
+                    withdrawn = unit.id in self._withdrawn
                     self._withdrawn.discard(unit.id)
+                if withdrawn:
+                    self._waiting.remove(unit.id)
+                    self._turns.notify_all()
                     return {"withdrawn": True}
+            self._waiting.pop(0)
+            self._computing = True
         try:
             if not self._begin(unit.id):
                 return {"withdrawn": True}
@@ -119,7 +131,9 @@ class StageActor:
             computed = None if skipped else self.worker.compute(unit)
             computed_at = time.time()
         finally:
-            self._compute_lock.release()
+            with self._turns:
+                self._computing = False
+                self._turns.notify_all()
         summary = skipped or self.worker.commit(unit, computed)
         seconds = time.perf_counter() - t0
         summary.update(self.node, unit_seconds=seconds, peak_rss=peak_rss_bytes(),  # what this worker held

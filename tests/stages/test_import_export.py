@@ -159,7 +159,7 @@ def test_export_refuses_an_unknown_set_or_a_used_target(runs, tmp_path, capsys):
     cfg_a, _, exports, _ = runs
     assert main(["export", cfg_a.run.output, "--set", "nope", "--to", str(tmp_path / "x"), "--format",
                  "parquet"]) == 2
-    assert "image set 'nope' is not complete" in capsys.readouterr().err
+    assert "image set 'nope' cannot be read" in capsys.readouterr().err
     assert main(["export", cfg_a.run.output, "--set", "prism", "--to", exports["folder"], "--format",
                  "imagefolder"]) == 2
     err = capsys.readouterr().err.strip()
