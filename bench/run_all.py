@@ -1,5 +1,5 @@
-"""Run every CPU benchmark in this folder, one after another; each prints its table (see the README's Performance
-section) and the first three write their JSON under bench/results/. The GPU script is run on its own:
+"""Run every CPU benchmark in this folder, one after another; each prints its table (docs/benchmarks.md has
+them) and the first three write their JSON under bench/results/. The GPU script is run on its own:
 python bench/gpu_recover.py --out DIR."""
 from __future__ import annotations
 

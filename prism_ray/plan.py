@@ -11,7 +11,7 @@ from prism_ray.estimate import expected_extra_teachers
 from prism_ray.formatting import human_bytes
 
 # Bytes per pixel (all channels) of stored synthetic images, measured on recover outputs: synthetic images
-# are high-frequency, so they compress worse than photos (see README, storage figures).
+# are high-frequency, so they compress worse than photos.
 BYTES_PER_PIXEL = {("jpeg", 1): 0.55, ("jpeg", 3): 0.75, ("png", 1): 0.95, ("png", 3): 2.6}
 MANIFEST_BYTES_PER_IMAGE = 120
 

@@ -127,7 +127,7 @@ def test_workers_plan_and_status_never_list_the_data(tmp_path, s3_endpoint, prox
     assert main(["plan", cfg, *second]) == 0
     assert proxy.counts(data) == ZERO
 
-    with capsys.disabled():  # the figures, for the README and the rehearsal
+    with capsys.disabled():  # the figures, for docs/storage.md and the rehearsal
         print("\nrequests against the data bucket:")
         for what, counts in figures.items():
             print(f"  {what:<28}" + "  ".join(f"{k} {v}" for k, v in counts.items()))
