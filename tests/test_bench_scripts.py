@@ -65,14 +65,14 @@ def test_orchestration_bench_local_and_s3(tmp_path):
 
 def test_worker_memory_bench():
     """Phase by phase memory of real relabel workers: one line per phase, the set held decoded as uint8."""
-    proc = run_bench("worker_memory.py", "--images", "200", "--sets", "2", "--epochs", "2",
+    proc = run_bench("worker_memory.py", "--images", "1000", "--sets", "2", "--epochs", "2",
                      "--epochs-per-shard", "1", "--only", "relabel")
     lines = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert lines[0]["case"] == "data" and lines[0]["images"] == 200
+    assert lines[0]["case"] == "data" and lines[0]["images"] == 1000
     phases = [p["phase"] for p in lines[1:]]
     assert phases == ["open", "load prism", "units prism", "drop prism", "load sre2l", "units sre2l", "drop sre2l"]
     loads = [p for p in lines[1:] if p["phase"].startswith("load")]
-    assert all(p["holding"] == "host" and p["set_gb"] == round(200 * 3 * 224 * 224 / 1e9, 2) for p in loads)
+    assert all(p["holding"] == "host" and p["set_gb"] == round(1000 * 3 * 224 * 224 / 1e9, 2) for p in loads)
     units = [p for p in lines[1:] if p["phase"].startswith("units")]
     assert all(p["units"] == 2 and p["shard_mb"] > 0 for p in units)  # 2 epochs, one per shard
     assert all(p["peak_gb"] >= p["rss_gb"] > 0 for p in lines[1:])
