@@ -130,21 +130,30 @@ def _resolve_preset(section: Any, kind: str, path: str, key: str = "preset") -> 
 # ------------------------------------------------------------------------------------- generic dict -> type
 
 
-def _type_name(tp: Any) -> str:
+# How a field's type is worded: in an error ("must be an integer") and in docs/config.md's type column ("int").
+_SCALARS = {int: ("an integer", "int"), float: ("a number", "float"), str: ("a string", "string"),
+            bool: ("true or false", "bool")}
+
+
+def describe_type(tp: Any, brief: bool = False) -> str:
+    """A field's type in words: a phrase for error messages, or (`brief`) the short form of the config reference."""
     origin = typing.get_origin(tp)
     if origin is Literal:
-        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        if not brief:
+            return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+        kinds = {type(a) for a in typing.get_args(tp)}
+        return "bool" if kinds == {bool} else "choice" if len(kinds) == 1 else "choice or bool"
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         optional = len(args) < len(typing.get_args(tp))
-        return " or ".join(_type_name(a) for a in args) + (" or empty" if optional else "")
+        return " or ".join(describe_type(a, brief) for a in args) + (" or empty" if optional else "")
     if origin is list:
-        return f"a list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict or tp is dict:
-        return "a mapping"
-    if dataclasses.is_dataclass(tp):
-        return "a mapping"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(tp, str(tp))
+        return ("list of " if brief else "a list of ") + describe_type(typing.get_args(tp)[0], brief)
+    if origin is dict or tp is dict or dataclasses.is_dataclass(tp):
+        return "mapping" if brief else "a mapping"
+    if tp in _SCALARS:
+        return _SCALARS[tp][brief]
+    return getattr(tp, "__name__", str(tp)) if brief else str(tp)
 
 
 def _convert(tp: Any, value: Any, path: str) -> Any:
@@ -162,7 +171,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
                 return _convert(arg, value, path)
             except ConfigError:
                 pass
-        raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+        raise ConfigError(path, f"must be {describe_type(tp)}, got {value!r}")
     if origin is Literal:
         allowed = typing.get_args(tp)
         # True == 1 in Python: a choice matches only a value of its own kind (bool or not)
@@ -170,12 +179,12 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"got {value!r}; allowed: {', '.join(repr(a) for a in allowed)}")
         return value
     if value is None:
-        raise ConfigError(path, f"must be {_type_name(tp)}, got nothing")
+        raise ConfigError(path, f"must be {describe_type(tp)}, got nothing")
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, path)
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"must be {_type_name(tp)}, got {value!r}")
+            raise ConfigError(path, f"must be {describe_type(tp)}, got {value!r}")
         (item_tp,) = typing.get_args(tp)
         return [_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if tp is dict or origin is dict:
@@ -225,7 +234,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
             _check_rules(f.metadata, value, fpath)
             kwargs[name] = value
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(fpath, f"is required ({_type_name(hints[name])})")
+            raise ConfigError(fpath, f"is required ({describe_type(hints[name])})")
     return cls(**kwargs)
 
 

@@ -11,6 +11,7 @@ import typing
 from typing import Any, Callable, Literal
 
 from prism_ray import config as C
+from prism_ray.config_loader import describe_type
 
 REFERENCE_PATH = "docs/config.md"
 REGENERATE = "prism-ray config-reference --out docs/config.md"
@@ -40,20 +41,7 @@ BOUNDS = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
 
 def type_name(tp: Any) -> str:
     """The YAML type of a field, in a few words."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        kinds = {type(a) for a in typing.get_args(tp)}
-        return "bool" if kinds == {bool} else "choice" if len(kinds) == 1 else "choice or bool"
-    if origin is typing.Union:
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return " or ".join(type_name(a) for a in args) + (" or empty" if len(args) < len(typing.get_args(tp)) else "")
-    if origin is list:
-        return f"list of {type_name(typing.get_args(tp)[0])}"
-    if origin is dict or tp is dict:
-        return "mapping"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return {int: "int", float: "float", str: "string", bool: "bool"}.get(tp, getattr(tp, "__name__", str(tp)))
+    return describe_type(tp, brief=True)
 
 
 def _yaml(value: Any) -> str:
