@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from prism_ray.config import Config, ImportedSetConfig
 from prism_ray.data.set_source import SourceIndex, index_source, prepare_image, read_source, source_spec
-from prism_ray.stages.base import RunContext, Stage, Unit, Worker
+from prism_ray.stages.base import RunContext, Stage, StageError, Unit, Worker
 from prism_ray.stages.recover import IMAGE_SCHEMA, image_path, recover_prefix
 from prism_ray.stages.squeeze import data_fingerprint
 from prism_ray.storage import Storage
@@ -128,6 +128,11 @@ class ImportWorker(Worker):
     def __init__(self, stage: ImportStage):
         self.stage = stage
         self.index = SourceIndex.from_bytes(stage.storage.read_bytes(f"{stage.prefix}/{SOURCE_INDEX}"))
+        # the index is kept beside the generations: it must be the one this stage's record was made from
+        recorded = (stage.record() or {}).get("config") or {}
+        if recorded.get("digest") != self.index.digest():
+            raise StageError(f"{stage.name}: {stage.storage.uri(f'{stage.prefix}/{SOURCE_INDEX}')} is not the index "
+                             f"this stage's record was made from; rerun the recover stage to index the set again")
         self.rows = self.index.rows()
 
     def compute(self, unit: Unit):

@@ -179,6 +179,26 @@ def test_bad_input_stops_the_run_before_anything_is_committed(tmp_path, capsys):
     assert not (tmp_path / "run" / "recover").exists()
 
 
+def test_a_worker_refuses_a_kept_index_its_record_was_not_made_from(runs):
+    """The source index lives beside the stage's generations: a worker checks it against the stage's record."""
+    from prism_ray.stages.base import StageError
+    from prism_ray.stages.imported import SOURCE_INDEX
+
+    _, cfg_b, _, _ = runs
+    storage = pipeline.open_storage(cfg_b)
+    (stage,) = [s for s in pipeline.build_stages(cfg_b, storage, pipeline.data_context(cfg_b), ["recover"])
+                if s.prefix == "recover/prism_folder"]
+    stage.open_worker()  # its own index: accepted
+    key, other = f"{stage.prefix}/{SOURCE_INDEX}", f"recover/sre2l_release/{SOURCE_INDEX}"
+    kept = storage.read_bytes(key)
+    storage.write_bytes(key, storage.read_bytes(other))  # another set's images
+    try:
+        with pytest.raises(StageError, match="is not the index this stage's record was made from"):
+            stage.open_worker()
+    finally:
+        storage.write_bytes(key, kept)
+
+
 def test_a_resumed_run_reads_the_kept_index_and_lists_no_source(runs):
     """The index kept with an imported set is what a rerun reads: with the source gone, the finished run still
     resumes (nothing to do) instead of listing it again."""
