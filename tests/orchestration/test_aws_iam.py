@@ -9,16 +9,16 @@ import copy
 import fnmatch
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+
+from tests.support.moto_process import moto_server
 
 REPO = Path(__file__).resolve().parents[2]
 BUCKET = "prism-ray-iam-test"
@@ -30,29 +30,17 @@ ADMIN = {"aws_access_key_id": "admin-key", "aws_secret_access_key": "admin-secre
 def enforcing_aws():
     """(endpoint, enforce): a moto server of its own (IAM enforcement is process-wide in moto); enforce() turns
     it on."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(300):
-        try:
-            urllib.request.urlopen(url + "/moto-api/", timeout=1)
-            break
-        except OSError:
-            time.sleep(0.1)
+    with moto_server() as url:
+        yield url, _enforcer(url)
 
+
+def _enforcer(url: str):
     def enforce():
         request = urllib.request.Request(url + "/moto-api/reset-auth", data=b"0", method="POST",
                                          headers={"Content-Type": "text/plain"})
         assert json.load(urllib.request.urlopen(request))["status"] == "ok"
 
-    try:
-        yield url, enforce
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    return enforce
 
 
 def _statements(role: str) -> list[dict]:
