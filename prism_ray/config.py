@@ -175,7 +175,8 @@ class RecoverConfig:
         "fp32", doc="teacher passes: fp32 (the reference) or bf16 autocast with bf16 copies of conv/linear weights "
                     "(BN statistics and losses in fp32); bf16 applies on any device (slow on CPUs without bf16 "
                     "instructions). docs/recover.md has what bf16 was measured to change")
-    channels_last: bool = _f(True, doc="NHWC teachers and images on CUDA (no effect on the numbers)")
+    channels_last: bool = _f(True, doc="NHWC teachers and images: faster on GPUs and CPUs; the same computation, "
+                                       "summed in another order")
 
 
 # Keys a baseline recover inherits from the main recover whatever its preset says: the set must be

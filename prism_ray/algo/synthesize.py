@@ -193,8 +193,9 @@ class TeacherSet:
                  compile: Optional[Mapping[str, Any]] = None, names: Optional[Sequence[str]] = None):
         self.device = torch.device(device)
         on_cuda = self.device.type == "cuda"
-        # bf16 wherever asked (the CPU too, for measuring what it changes); NHWC only pays on CUDA
-        self.amp, self.channels_last = amp, on_cuda and channels_last
+        # bf16 wherever asked (the CPU too, for measuring what it changes); NHWC pays on CUDA (tensor cores) and
+        # on the CPU (oneDNN: 1.2x per step at the demo's shapes, docs/benchmarks.md)
+        self.amp, self.channels_last = amp, channels_last
         if on_cuda:  # every step feeds the teachers the same shape: cuDNN's autotuned kernels pay back at once
             torch.backends.cudnn.benchmark = True
         self.first_bn_multiplier = first_bn_multiplier
@@ -327,8 +328,7 @@ def synthesize_shard(pool: Mapping[str, nn.Module] | TeacherSet, spec: ShardSpec
 
 def _check_teacher_set(teachers: TeacherSet, cfg: "RecoverConfig", device: torch.device, spec: ShardSpec) -> None:
     """A TeacherSet built by the caller must have been built for this config and device."""
-    on_cuda = device.type == "cuda"
-    want = {"device": device.type, "amp": cfg.precision == "bf16", "channels_last": on_cuda and cfg.channels_last,
+    want = {"device": device.type, "amp": cfg.precision == "bf16", "channels_last": cfg.channels_last,
             "first_bn_multiplier": cfg.first_bn_multiplier}
     have = {"device": teachers.device.type, "amp": teachers.amp, "channels_last": teachers.channels_last,
             "first_bn_multiplier": teachers.first_bn_multiplier}
