@@ -8,7 +8,7 @@ FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 CONFIG ?= jobs/configs/fmnist-demo.yaml
 PYTEST_ARGS ?=
 
-.PHONY: setup data demo test test-fast bench rehearsal clean-demo
+.PHONY: setup data demo test test-fast check bench rehearsal clean-demo
 
 setup: $(BIN)/.installed
 
@@ -37,6 +37,17 @@ test: setup data
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# The quick loop (about a minute on 2 cores): the algorithms, data, configs, storage, docs and cluster files,
+# none of the tests that run stages on Ray. `make test` stays the full suite CI runs.
+CHECK_TESTS := tests/algo tests/data tests/stages/test_commit_retry.py tests/stages/test_host_claims.py \
+	tests/stages/test_image_sets.py tests/test_config.py tests/test_config_reference.py tests/test_docs.py \
+	tests/test_storage.py tests/test_stats.py tests/test_estimate.py tests/test_lease.py \
+	tests/test_imagenet_configs.py tests/test_teachers.py tests/test_worker_memory.py tests/test_import_graph.py \
+	tests/orchestration/test_cluster_files.py tests/orchestration/test_cluster_readme.py \
+	tests/orchestration/test_stopping.py tests/orchestration/test_status_watch.py tests/test_bad_input_cli.py
+check: setup data
+	$(BIN)/python -m pytest -q -m "not slow" --ignore=tests/data/test_index_requests.py $(CHECK_TESTS) $(PYTEST_ARGS)
 
 bench: setup data
 	$(BIN)/python bench/run_all.py

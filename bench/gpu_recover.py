@@ -92,8 +92,8 @@ def sync(device: torch.device) -> None:
 def timed_shard(teachers, spec: ShardSpec, cfg: RecoverConfig, norm, shape, device) -> tuple[float, object]:
     sync(device)
     t0 = time.perf_counter()
-    # the config's precision must be the one the TeacherSet was built with (synthesize_shard checks it)
-    cfg = dataclasses.replace(cfg, precision="bf16" if teachers.amp else "fp32")
+    # the config's precision and layout must be the TeacherSet's (synthesize_shard checks them)
+    cfg = dataclasses.replace(cfg, precision="bf16" if teachers.amp else "fp32", channels_last=teachers.channels_last)
     result = synthesize_shard(teachers, spec, cfg, norm, device=device,
                               shape=(shape.in_channels, shape.resolution, shape.resolution))
     sync(device)

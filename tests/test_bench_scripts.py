@@ -92,3 +92,14 @@ def test_bf16_effect_bench(tmp_path):
     assert set(stu["held_out_logits"]) == {"bf16_vs_fp32", "fp32_other_init_vs_fp32"}
     assert stu["weights_relative_gap"]["bf16_vs_fp32"] > 0
     assert "PSNR bf16 vs fp32" in proc.stdout
+
+
+def test_nhwc_cpu_bench(tmp_path):
+    out = tmp_path / "nhwc.json"
+    proc = run_bench("nhwc_cpu.py", "--repeats", "1", "--steps", "2", "--epochs", "1", "--images", "256",
+                     "--out", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["what"].split()[0].rstrip(",") for r in rows] == ["squeeze"] * 3 + ["recover"] + ["student"] * 2 + \
+        ["scoring"] * 2
+    assert all(r["nchw_s"] > 0 and r["nhwc_s"] > 0 and r["speedup"] > 0 for r in rows)
+    assert "| what | nchw_s | nhwc_s | speedup |" in proc.stdout

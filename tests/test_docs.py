@@ -67,3 +67,15 @@ def test_commands_table_lists_every_command():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     assert shown == set(sub.choices), (f"README commands table: missing {sorted(set(sub.choices) - shown)}, "
                                        f"not a command {sorted(shown - set(sub.choices))}")
+
+
+def test_make_check_names_test_files_that_exist_and_leaves_pipelines_to_make_test():
+    """`make check` lists its tests by path: a moved or renamed file must not silently drop out of the quick loop."""
+    text = (ROOT / "Makefile").read_text().replace("\\\n", " ")
+    (paths,) = re.findall(r"^CHECK_TESTS := (.+)$", text, flags=re.M)
+    paths = paths.split()
+    assert len(paths) >= 10
+    missing = [p for p in paths if not (ROOT / p).exists()]
+    assert missing == []
+    # the quick loop holds none of the modules that run whole pipelines (those are `make test`'s)
+    assert not any(p.startswith(("tests/test_rehearsal", "tests/test_chaos", "tests/test_sweep")) for p in paths)
