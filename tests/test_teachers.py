@@ -115,3 +115,15 @@ def test_random_teachers_are_the_same_in_every_worker(tmp_path):
     with torch.no_grad():
         assert torch.equal(a.eval()(x), b.eval()(x))
         assert not torch.equal(a(x), c.eval()(x))
+
+
+def test_a_checkpoint_of_an_nhwc_model_stores_nchw_weights_that_load_back():
+    """Squeeze teachers and students train channels_last; their checkpoints hold plain NCHW CPU tensors."""
+    model = build_model("convnet", SMALL, seed=0).to(memory_format=torch.channels_last)
+    state = torch.load(__import__("io").BytesIO(checkpoint_bytes(model, "convnet", SMALL)), weights_only=True)
+    convs = [v for v in state["state_dict"].values() if v.dim() == 4]
+    assert convs and all(v.is_contiguous() and v.device.type == "cpu" for v in state["state_dict"].values())
+    assert any(not p.is_contiguous() for p in model.parameters() if p.dim() == 4)  # the model itself stays NHWC
+    loaded = load_checkpoint(checkpoint_bytes(model, "convnet", SMALL), "convnet", SMALL)
+    x = torch.randn(2, 1, 28, 28)
+    assert torch.allclose(loaded.eval()(x), model.eval()(x), atol=1e-5)

@@ -198,10 +198,12 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 
 def checkpoint_bytes(model: nn.Module, arch: str, shape: ModelShape, **extra) -> bytes:
-    """Serialise a model with what is needed to rebuild it (arch and shape) and any metadata."""
+    """Serialise a model with what is needed to rebuild it (arch and shape) and any metadata. The weights are
+    stored on the CPU in NCHW order whatever device and layout the model was trained in (NHWC, on a GPU)."""
     buf = io.BytesIO()
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save({"arch": arch, "num_classes": shape.num_classes, "in_channels": shape.in_channels,
-                "resolution": shape.resolution, "state_dict": model.state_dict(), **extra}, buf)
+                "resolution": shape.resolution, "state_dict": state, **extra}, buf)
     return buf.getvalue()
 
 

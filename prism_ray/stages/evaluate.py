@@ -23,7 +23,7 @@ from prism_ray.algo.diversity import streamed_class_diversity
 from prism_ray.algo.image_source import stream
 from prism_ray.algo.seeding import derive_seed, generator
 from prism_ray.algo.student import build_student, train_student
-from prism_ray.algo.teachers import ModelShape
+from prism_ray.algo.teachers import ModelShape, checkpoint_bytes
 from prism_ray.algo.train import evaluate_classifier
 from prism_ray.config import Config
 from prism_ray.data import build_dataset
@@ -301,17 +301,13 @@ class StudentWorker(Worker):
             scores.append({"epoch": cfg.evaluate.epochs, **score(model)})
         acc = scores[-1]
         best = max(scores, key=lambda s: s["top1"])  # the first of equals, as the reference's `top1 > best`
-        buf = io.BytesIO()
-        torch.save({"arch": p["student"], "num_classes": shape.num_classes, "in_channels": shape.in_channels,
-                    "resolution": shape.resolution,
-                    "state_dict": model.cpu().to(memory_format=torch.contiguous_format).state_dict()}, buf)
         row = {"set": p["set"], "student": p["student"], "seed": p["seed"], "top1": acc["top1"], "top5": acc["top5"],
                "best_top1": best["top1"], "best_top5": best["top5"], "best_epoch": best["epoch"],
                "scored_epochs": len(scores), "epochs": cfg.evaluate.epochs, "resumed_from_epoch": resumed_from,
                "final_loss": out["final_loss"],
                "train_seconds": out["seconds"], "images": len(image_set), "label_mode": cfg.relabel.mode,
                "val_images": len(self.val), "holding": image_set.holding, "peak_rss_bytes": peak_rss_bytes()}
-        return buf.getvalue(), row
+        return checkpoint_bytes(model, p["student"], shape), row
 
     def commit(self, unit: Unit, computed) -> dict:
         blob, row = computed

@@ -31,7 +31,7 @@ from prism_ray.config import Config
 from prism_ray.data.base import Normalization
 from prism_ray.formatting import human_bytes
 from prism_ray.host_claims import host_claims, release_claim
-from prism_ray.memory import host_memory_available, peak_rss_bytes
+from prism_ray.memory import host_memory_available
 from prism_ray.stages.base import StageError, read_upstream
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.stages.squeeze import data_fingerprint

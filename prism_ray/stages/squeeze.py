@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import torch
-
 from prism_ray.algo.seeding import derive_seed
 from prism_ray.algo.teachers import build_model, checkpoint_bytes
 from prism_ray.algo.train import evaluate_classifier, recalibrate_bn, train_classifier
@@ -86,7 +84,6 @@ class SqueezeWorker(Worker):
                                  label_smoothing=sq.label_smoothing, seed=seed, device=self.device)
         recalibrate_bn(model, self.train_data, device=self.device)
         acc = evaluate_classifier(model, self.val_data, device=self.device)
-        model.cpu().to(memory_format=torch.contiguous_format)  # trained NHWC; stored as every checkpoint is
         row = {"teacher": spec.name, "arch": spec.arch, "val_top1": acc["top1"], "val_top5": acc["top5"],
                "train_images": len(self.train), "steps": stats["steps"], "final_loss": stats["final_loss"],
                "seconds": time.perf_counter() - t0, "device": str(self.device)}
