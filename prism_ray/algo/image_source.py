@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import gc
 import io
+import multiprocessing
+import sys
 import warnings
 from typing import Iterator, Sequence
 
@@ -55,19 +57,55 @@ def loader_worker_init(worker_id: int) -> None:
         reopen()
 
 
-class ForkingLoader(torch.utils.data.DataLoader):
-    """A DataLoader whose worker processes fork from a parent with no garbage left to collect.
+# what a forkserver imports once, so that its loader processes start without importing torch (~2.7 s here)
+FORKSERVER_PRELOAD = ["torch", "prism_ray.algo.image_source", "prism_ray.data"]
 
-    Its workers are forked from whatever process holds the loader: a Ray actor, or a driver with an S3
-    client, gRPC channels and server threads. Garbage cycles left in that parent are inherited; when the
-    child's collector frees them, their destructors release handles that belong to the parent's threads
-    (sockets, SSL and gRPC objects). That is the likeliest cause of a loader worker's death in one CI run
-    ("double free or corruption"; not reproduced in 30 runs of the test alone). So the parent collects
-    before forking and freezes what is left, which the children's collectors then never visit (it also
-    spares them copying every page an object header sits on)."""
+
+def in_ray_worker() -> bool:
+    """True in a Ray worker process (an actor or a task), False in a driver or a process without Ray."""
+    ray = sys.modules.get("ray")
+    if ray is None:
+        return False
+    try:
+        from ray._private import worker
+        return worker.global_worker.mode == worker.WORKER_MODE
+    except (ImportError, AttributeError):  # another Ray: take the process for a worker, forking as before
+        return True
+
+
+def loader_context():
+    """How a loader's worker processes start here: forked from this process in a Ray worker, from a forkserver
+    elsewhere (None: the default, fork).
+
+    In a Ray worker, fork shares the set's bytes with the loader processes (copy on write) instead of pickling
+    them into each, and it is what Ray's own training loops do. A driver or test process is different: the
+    native threads of a Ray driver it ran (gRPC event engine, timers, the GCS client) outlive `ray.shutdown`,
+    and loader processes forked from such a process died in two CI runs ("DataLoader worker exited
+    unexpectedly", "double free or corruption"), never in a Ray worker. A forkserver's children fork from a
+    process that is started clean and stays single-threaded; the data set is pickled to them."""
+    if in_ray_worker():
+        return None
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(FORKSERVER_PRELOAD)
+    return ctx
+
+
+class ForkingLoader(torch.utils.data.DataLoader):
+    """A DataLoader whose worker processes start as `loader_context` says; when they fork from this process,
+    it has no garbage left to collect.
+
+    Garbage cycles left in a forking parent are inherited; when the child's collector frees them, their
+    destructors release handles that belong to the parent's threads (sockets, SSL and gRPC objects). So the
+    parent collects before forking and freezes what is left, which the children's collectors then never visit
+    (it also spares them copying every page an object header sits on)."""
+
+    def __init__(self, dataset, **kwargs):
+        if kwargs.get("num_workers", 0):
+            kwargs.setdefault("multiprocessing_context", loader_context())
+        super().__init__(dataset, **kwargs)
 
     def _get_iterator(self):
-        if self.num_workers == 0:
+        if self.num_workers == 0 or self.multiprocessing_context is not None:
             return super()._get_iterator()
         gc.collect()
         gc.freeze()

@@ -94,7 +94,8 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None)
         metrics.unit_requeued()
 
     def send(member: Member, unit: Unit) -> None:
-        ref = member.actor.run.remote(unit)
+        ref = member.actor.run.remote(unit, member.sent)
+        member.sent += 1
         in_flight[ref] = (member, unit)
         member.held.append(ref)
         sent_at[ref] = time.monotonic()

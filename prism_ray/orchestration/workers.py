@@ -73,10 +73,13 @@ class StageActor:
         self.node = _this_node()
         self.worker = None
         self.start_error: Optional[dict] = None
-        # computes run one at a time, in the order the units arrived (a unit moved here from a busy worker is not
-        # overtaken by one sent after it); a plain Lock would let any waiting thread win
+        # computes run one at a time, in the order the driver sent the units (a unit moved here from a busy worker
+        # is not overtaken by one sent after it). Arrival cannot give that order: a threaded actor starts its
+        # calls in no fixed order (a 0.5 s unit sent after a 3 s one ran first in one CI run), so each call
+        # carries its turn, counted by the driver per worker.
         self._turns = threading.Condition()
-        self._waiting: list[str] = []  # units waiting to compute, oldest first (guarded by _turns)
+        self._next_turn = 0  # the turn of the next unit allowed to compute (guarded by _turns)
+        self._passed: set[int] = set()  # turns of units withdrawn before their turn came (guarded by _turns)
         self._computing = False
         self._state = threading.Lock()  # guards the two sets below
         self._started: set[str] = set()  # units that began computing here (never withdrawn after that)
@@ -108,20 +111,31 @@ class StageActor:
             self._started.add(unit_id)
             return True
 
-    def run(self, unit: Unit) -> dict:
+    def _advance(self) -> None:
+        """The next turn (under _turns), past those given up by withdrawn units."""
+        self._next_turn += 1
+        while self._next_turn in self._passed:
+            self._passed.discard(self._next_turn)
+            self._next_turn += 1
+
+    def run(self, unit: Unit, turn: int) -> dict:
+        """Compute and commit `unit` once the units sent before it (`turn`: 0, 1, ... in the order the driver
+        sent them to this worker) have computed or were withdrawn."""
         t0 = time.perf_counter()
         with self._turns:
-            self._waiting.append(unit.id)
-            while self._computing or self._waiting[0] != unit.id:
+            while self._computing or self._next_turn != turn:
                 self._turns.wait(timeout=WITHDRAWN_POLL_SECONDS)
                 with self._state:
                     withdrawn = unit.id in self._withdrawn
                     self._withdrawn.discard(unit.id)
                 if withdrawn:
-                    self._waiting.remove(unit.id)
+                    if self._next_turn == turn:
+                        self._advance()
+                    else:
+                        self._passed.add(turn)
                     self._turns.notify_all()
                     return {"withdrawn": True}
-            self._waiting.pop(0)
+            self._advance()
             self._computing = True
         try:
             if not self._begin(unit.id):
@@ -159,6 +173,7 @@ class Member:
     node_id: Optional[str] = None
     node_ip: Optional[str] = None
     held: list = field(default_factory=list)  # ObjectRefs of its units in flight, in the order they were sent
+    sent: int = 0  # units sent to it so far: the next one's turn (StageActor.run)
 
     @property
     def in_flight(self) -> int:

@@ -1,13 +1,16 @@
 """Loader workers fork from processes full of other people's objects (Ray, S3 clients, test servers): they
-must never run the destructors of the parent's garbage, which release handles the parent's threads own."""
+must never run the destructors of the parent's garbage, which release handles the parent's threads own. They
+fork from this process only in a Ray worker; elsewhere they start from a forkserver."""
 from __future__ import annotations
 
 import gc
 import os
 
+import pytest
 import torch
 
-from prism_ray.algo.image_source import stream
+from prism_ray.algo import image_source
+from prism_ray.algo.image_source import loader_context, stream
 
 
 class _Cycle:
@@ -48,7 +51,21 @@ def test_a_plain_dataloader_finalizes_the_parents_garbage_in_its_workers(tmp_pat
     assert os.getpid() in pids and len(pids - {os.getpid()}) >= 1
 
 
-def test_stream_workers_never_finalize_the_parents_garbage(tmp_path):
+@pytest.mark.parametrize("start", ["fork", "here"])
+def test_stream_workers_never_finalize_the_parents_garbage(tmp_path, monkeypatch, start):
+    if start == "fork":  # what a Ray worker does
+        monkeypatch.setattr(image_source, "loader_context", lambda: None)
     pids = _finalizing_pids(tmp_path / "stream", lambda: stream(_CollectingItems(), 2, num_workers=2))
     assert pids == {os.getpid()}
     assert gc.get_freeze_count() == 0  # the parent's objects are collectable again once the workers run
+
+
+def test_loaders_fork_only_in_a_ray_worker(ray_local):
+    assert loader_context().get_start_method() == "forkserver"  # a driver (this test process has run Ray)
+
+    @ray_local.remote
+    def in_worker():
+        from prism_ray.algo.image_source import loader_context
+        return loader_context()
+
+    assert ray_local.get(in_worker.remote()) is None  # fork
