@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -49,7 +48,6 @@ from prism_ray.algo.bn_loss import average_bn_loss  # noqa: E402
 from prism_ray.algo.encode import to_uint8  # noqa: E402
 from prism_ray.algo.schedule import iterations_for  # noqa: E402
 from prism_ray.algo.seeding import derive_seed, generator  # noqa: E402
-from prism_ray.algo.selection import TeacherSelection  # noqa: E402
 from prism_ray.algo.synthesize import ShardSpec, TeacherSet, synthesize_shard  # noqa: E402
 from prism_ray.algo.teachers import ModelShape, build_model, freeze, has_batchnorm  # noqa: E402
 from prism_ray.config import RecoverConfig  # noqa: E402

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from prism_ray.algo.teachers import ModelShape, build_model, checkpoint_bytes

@@ -16,7 +16,6 @@ import ray
 import yaml
 
 from prism_ray import pipeline
-from prism_ray.orchestration.dispatch import run_stage_ray
 from prism_ray.orchestration.workers import FAKE_GPUS_ENV
 from prism_ray.stages.base import StageError
 from prism_ray.storage import ShardStore
@@ -41,7 +40,7 @@ def _committed(store: ShardStore, n: int) -> int:
 
 
 def test_more_workers_than_fit_finish_with_those_that_fit(ray_cluster, tmp_path):
-    c = ray_cluster(gpu_nodes=1)  # room for one worker of 1 GPU
+    ray_cluster(gpu_nodes=1)  # room for one worker of 1 GPU
     cfg = recover_config(str(tmp_path / "run"), ipc=3, iterations=10,
                          ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5})
     stage, storage, thread, result = start_stage_thread(cfg)

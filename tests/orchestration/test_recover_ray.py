@@ -1,12 +1,9 @@
 """Recover on a local Ray instance: every shard once, manifests and status agree, resume, refusal, failures."""
 from __future__ import annotations
 
-import io
 import json
-import os
 
 import pytest
-from PIL import Image
 
 from prism_ray import pipeline
 from prism_ray.cli import main
