@@ -85,6 +85,27 @@ def test_no_decay_group_holds_exactly_the_norm_and_bias_parameters(make):
     assert plain.param_groups[0]["momentum"] == 0.9 and plain.param_groups[0]["weight_decay"] == 5e-4
 
 
+@pytest.mark.parametrize("optimizer", ["adamw", "sgd"])
+def test_the_optimizer_updates_every_tensor_at_once_to_the_per_tensor_loop_s_bits(optimizer):
+    model = build_student("shufflenet_v2_x0_5", ModelShape(10, 1, 28), 0)
+    twin = copy.deepcopy(model)
+    c = cfg(optimizer=optimizer, lr=0.01, weight_decay=0.01)
+    ours = build_optimizer(model, c)
+    assert all(g["foreach"] for g in ours.param_groups)
+    loop = build_optimizer(twin, c)
+    for g in loop.param_groups:
+        g["foreach"] = False  # torch's per-tensor loop, its default on a CPU
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        for p, q in zip(model.parameters(), twin.parameters()):
+            p.grad = torch.randn(p.shape, generator=gen)
+            q.grad = p.grad.clone()
+        ours.step()
+        loop.step()
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        assert torch.equal(a, b), name
+
+
 def test_cosine_schedule_per_step_without_warmup():
     model = nn.Linear(2, 2)
     c = cfg(epochs=3, lr=0.1, schedule="cosine")
