@@ -43,6 +43,30 @@ def peak_rss_bytes() -> int:
     return 0
 
 
+def release_freed_memory() -> None:
+    """Give memory freed by Python and torch back to the system (glibc keeps freed heap pages otherwise), and
+    empty torch's CUDA cache: what a worker does before it takes up another stage's work."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def reset_peak_rss() -> bool:
+    """Start this process's peak resident memory (VmHWM) again from what it holds now (Linux: clear_refs 5), so
+    that a worker reused for another stage reports that stage's peak; False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def host_memory_available() -> int:
     """Bytes this process could still take: MemAvailable, capped by a cgroup (v2 or v1) memory limit."""
     available = None

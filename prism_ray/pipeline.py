@@ -133,8 +133,13 @@ def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: boo
             from prism_ray.orchestration.cluster import ray_session
             from prism_ray.orchestration.dispatch import run_stage_ray
             from prism_ray.orchestration.ray_logs import run_log_path
+            from prism_ray.orchestration.workers import IdleWorkers
             with ray_session(cfg.ray, log_path=run_log_path(cfg.run.output)):
-                reports = run(lambda st: run_stage_ray(st, cfg.ray, quiet=quiet, lease=lease))
+                idle = IdleWorkers()  # a stage's workers go on to the next stage: no new processes to start
+                try:
+                    reports = run(lambda st: run_stage_ray(st, cfg.ray, quiet=quiet, lease=lease, idle=idle))
+                finally:
+                    idle.close()
         if "evaluate" in stage_names and reports and all(r.complete for r in reports) and len(reports) == len(stages):
             from prism_ray.report import markdown, write_report
             lease.check()

@@ -7,7 +7,8 @@ replaces lost ones, and counts the nodes that joined and left. Every ready worke
 gets a second; a second (up to `in_flight_per_worker`), whose compute overlaps the first one's upload,
 goes only while the queue holds more units than the workers still starting will take. A worker that is idle
 first takes back (`StageActor.withdraw`) a unit still waiting behind another worker's unit, then units from
-the queue; idle workers end only when the queue is empty and no unit waits like that. So a unit sent ahead
+the queue; idle workers end only when the queue is empty and no unit waits like that (in a run, an ended
+worker is kept a few seconds for the next stage: `IdleWorkers`). So a unit sent ahead
 never waits behind a long one while another worker could run it, and the tail of a stage keeps every worker
 that has work. A unit whose code raises is retried up
 to `max_attempts` times, then recorded as failed while the others go on. A unit whose worker died (killed,
@@ -29,7 +30,7 @@ from prism_ray.memory import GiB, for_stage
 from prism_ray.orchestration import stopping
 from prism_ray.orchestration.metrics import StageMetrics
 from prism_ray.orchestration.progress import StageReport, StageRun, describe_error, failure_kind
-from prism_ray.orchestration.workers import ClusterWatch, Member, WorkerPool
+from prism_ray.orchestration.workers import ClusterWatch, IdleWorkers, Member, WorkerPool
 from prism_ray.stages.base import Stage, StageError, Unit
 
 DEATHS_BEFORE_FAILING = 3  # a unit whose worker dies this often on a live node is failed, not requeued forever
@@ -67,9 +68,11 @@ def check_room(stage: Stage, cfg: RayConfig) -> None:
                      f"evaluate.batch_size, evaluate.val_batch_size)")
 
 
-def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None) -> StageReport:
+def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None,
+                  idle: IdleWorkers | None = None) -> StageReport:
     """Run every uncommitted unit of `stage` on Ray actors; return what happened. `lease`: the run's lease
-    (`prism_ray.lease.RunLease`); the stage stops when another driver takes it over."""
+    (`prism_ray.lease.RunLease`); the stage stops when another driver takes it over. `idle`: the run's kept
+    workers; this stage takes its workers from there first, and leaves there those it ends."""
     run = StageRun(stage, quiet=quiet)
     report, progress = run.report, run.progress
     queue: deque[Unit] = deque(run.todo)
@@ -77,7 +80,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None)
         return run.finish()
 
     check_room(stage, cfg)
-    pool = WorkerPool(stage, cfg, run, tag=uuid.uuid4().hex[:6])
+    pool = WorkerPool(stage, cfg, run, tag=uuid.uuid4().hex[:6], idle=idle)
     cluster = ClusterWatch(run)
     metrics = StageMetrics(stage.cfg.run.name, stage.name)
     in_flight: dict = {}  # ObjectRef -> (member, unit); unit None once withdrawn and sent elsewhere
@@ -216,6 +219,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None)
                 if lost:
                     lost.clear()
                     next_watch = 0.0
+        pool.end_idle()  # every unit is back: the workers go to the run's next stage (or are ended)
     finally:
         pool.close()
         metrics.state(0, 0)

@@ -9,6 +9,7 @@ nodes that join and leave while a stage runs.
 """
 from __future__ import annotations
 
+import gc
 import os
 import threading
 import time
@@ -19,7 +20,7 @@ from typing import Any, Optional
 import ray
 
 from prism_ray.config import RayConfig
-from prism_ray.memory import peak_rss_bytes
+from prism_ray.memory import peak_rss_bytes, release_freed_memory, reset_peak_rss
 from prism_ray.orchestration.cluster import set_torch_threads
 from prism_ray.orchestration.progress import StageRun, describe_error
 from prism_ray.stages.base import Stage, StageError, Unit
@@ -28,6 +29,7 @@ from prism_ray.storage import RECORDS, ShardStore
 FAKE_GPUS_ENV = "PRISM_RAY_FAKE_GPUS"  # tests: GPUs that are Ray resources only (ray.cluster_utils nodes)
 START_DEATHS_BEFORE_FAILING = 10  # workers dying while starting (not their own error) before the stage gives up
 WITHDRAWN_POLL_SECONDS = 0.5  # how soon a unit waiting for the compute lock notices it was taken back
+IDLE_KEEP_SECONDS = 30.0  # how long a worker a stage no longer needs is kept for the run's next stage
 
 
 def record_key(store: ShardStore, unit_id: str) -> str:
@@ -66,31 +68,47 @@ class StageActor:
     """Holds one stage worker. `run` may be called concurrently: computes are serialised, so one unit's upload
     overlaps the next unit's compute. A unit still waiting for the compute lock can be taken back (`withdraw`)
     and given to an idle worker. A start error is kept and reported by `ready` (not raised), so the driver
-    gets it once, as one line, instead of Ray's forwarded traceback."""
+    gets it once, as one line, instead of Ray's forwarded traceback. `load` gives an idle actor the next
+    stage's worker: its process, with torch and the project imported, outlives the stage (see `IdleWorkers`)."""
 
     def __init__(self, stage: Stage, name: str, cpus: float, gpus: float, check_gpu: bool):
-        self.stage, self.name = stage, name
         self.node = _this_node()
+        self.gpus, self.check_gpu = gpus, check_gpu
+        self._state = threading.Lock()  # guards the two sets below
+        self._turns = threading.Condition()
+        try:
+            set_torch_threads(cpus)
+        except Exception as e:  # noqa: BLE001 - reported by ready(), as a stage's own start error is
+            self.stage, self.name, self.worker = stage, name, None
+            self.start_error = {"error": one_line(describe_error(e)), "traceback": traceback.format_exc()}
+            return
+        self.load(stage, name)
+
+    def load(self, stage: Stage, name: str) -> dict:
+        """Drop the worker held now (its teachers, sets, CUDA memory) and build `stage`'s; what `ready` says.
+        Called with no unit in flight here."""
         self.worker = None
+        gc.collect()
+        release_freed_memory()
+        reset_peak_rss()  # each stage's units report that stage's peak, not the process's
+        self.stage, self.name = stage, name
         self.start_error: Optional[dict] = None
         # computes run one at a time, in the order the driver sent the units (a unit moved here from a busy worker
         # is not overtaken by one sent after it). Arrival cannot give that order: a threaded actor starts its
         # calls in no fixed order (a 0.5 s unit sent after a 3 s one ran first in one CI run), so each call
-        # carries its turn, counted by the driver per worker.
-        self._turns = threading.Condition()
+        # carries its turn, counted by the driver per worker and per stage.
         self._next_turn = 0  # the turn of the next unit allowed to compute (guarded by _turns)
         self._passed: set[int] = set()  # turns of units withdrawn before their turn came (guarded by _turns)
         self._computing = False
-        self._state = threading.Lock()  # guards the two sets below
         self._started: set[str] = set()  # units that began computing here (never withdrawn after that)
         self._withdrawn: set[str] = set()  # units taken back before they began
         try:
-            set_torch_threads(cpus)
-            if check_gpu:
-                require_gpu(self.node, gpus)
+            if self.check_gpu:
+                require_gpu(self.node, self.gpus)
             self.worker = stage.open_worker()
         except Exception as e:  # noqa: BLE001 - any start failure is the stage's to report
             self.start_error = {"error": one_line(describe_error(e)), "traceback": traceback.format_exc()}
+        return self.ready()
 
     def ready(self) -> dict:
         return {**self.node, **(self.start_error or {})}
@@ -155,7 +173,7 @@ class StageActor:
         if summary.get("committed", True):
             try:  # informational: a unit stays committed even if its record cannot be written
                 self.stage.storage.write_json(record_key(self.stage.store, unit.id), {
-                    "unit": unit.id, **self.node, "worker": self.name, "seconds": round(seconds, 3),
+                    "unit": unit.id, **self.node, "worker": self.name, "pid": os.getpid(), "seconds": round(seconds, 3),
                     "started": started, "computed": computed_at, "finished": time.time()})
             except Exception as e:  # noqa: BLE001
                 summary["record_error"] = one_line(describe_error(e))
@@ -216,11 +234,53 @@ class ClusterWatch:
         return now
 
 
+class IdleWorkers:
+    """Workers the run's stages no longer need, kept for its next stage: a worker ended at a stage's tail goes
+    here instead of being killed, and the next stage's pool takes it (`StageActor.load`) before starting an
+    actor. A fresh actor costs a process that imports torch and the project (~4.5 s of a toy stage's 5 s on a
+    2-core machine); a kept one costs only the stage's own worker. One kept longer than `keep_seconds`
+    is killed, so an idle worker holds its node's CPUs, GPU and memory for seconds, never through a long tail
+    (an autoscaler can take the node back). Only actors of one shape (the run's `ray` section) are kept."""
+
+    def __init__(self, keep_seconds: float = IDLE_KEEP_SECONDS):
+        self.keep_seconds = keep_seconds
+        self._kept: list[tuple[float, Any, dict]] = []  # (when kept, actor, its options), oldest first
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def keep(self, actor, options: dict) -> None:
+        self._kept.append((time.monotonic(), actor, options))
+
+    def take(self, options: dict):
+        """An idle actor started with `options`, or None."""
+        self.expire()
+        for i, (_, actor, opts) in enumerate(self._kept):
+            if opts == options:
+                del self._kept[i]
+                return actor
+        return None
+
+    def count(self, options: dict) -> int:
+        return sum(1 for _, _, opts in self._kept if opts == options)
+
+    def expire(self) -> None:
+        now = time.monotonic()
+        for entry in [e for e in self._kept if now - e[0] > self.keep_seconds]:
+            self._kept.remove(entry)
+            _kill(entry[1])
+
+    def close(self) -> None:
+        for _, actor, _ in self._kept:
+            _kill(actor)
+        self._kept.clear()
+
+
 class WorkerPool:
     """The stage's workers: started, ready (with the node they run on), ended, lost."""
 
-    def __init__(self, stage: Stage, cfg: RayConfig, run: StageRun, tag: str):
-        self.stage, self.cfg, self.run, self.tag = stage, cfg, run, tag
+    def __init__(self, stage: Stage, cfg: RayConfig, run: StageRun, tag: str, idle: Optional[IdleWorkers] = None):
+        self.stage, self.cfg, self.run, self.tag, self.idle = stage, cfg, run, tag, idle
         self.members: dict[int, Member] = {}
         self.auto = cfg.workers == "auto"
         self.shape = cfg.worker_shape()
@@ -262,20 +322,29 @@ class WorkerPool:
             cap = work if self.cfg.max_workers is None else min(self.cfg.max_workers, work)
             self._ask_autoscaler(cap)
             # Workers still starting may not hold their resources yet: count them against the free slots.
-            room = max(0, free_slots(self.shape) - len(self.starting()))
+            room = max(0, free_slots(self.shape) - len(self.starting())) + self._idle_count()
             want = min(cap - len(self.members), room)
         else:
             want = min(self.cfg.workers, work) - len(self.members)
         for _ in range(max(0, want)):
             self._start()
 
+    def _idle_count(self) -> int:
+        return self.idle.count(self._options) if self.idle is not None else 0
+
     def _start(self) -> Member:
+        """A worker for this stage: an idle one the run kept (its Ray name stays the one of the stage it started
+        for), else a new actor."""
         sid = self._next_sid
         self._next_sid += 1
         name = f"{self.stage.cfg.run.name}/{self.stage.name}/worker-{sid}/{self.tag}"
-        actor = self._actor_cls.options(name=name, **self._options).remote(
-            self.stage, name, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker, self.check_gpu)
-        member = Member(sid, name, actor, actor.ready.remote())
+        actor = self.idle.take(self._options) if self.idle is not None else None
+        if actor is not None:
+            member = Member(sid, name, actor, actor.load.remote(self.stage, name))
+        else:
+            actor = self._actor_cls.options(name=name, **self._options).remote(
+                self.stage, name, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker, self.check_gpu)
+            member = Member(sid, name, actor, actor.ready.remote())
         self.members[sid] = member
         self.run.report.workers_started += 1
         return member
@@ -347,7 +416,13 @@ class WorkerPool:
         for member in list(self.members.values()):
             if member.in_flight == 0:
                 self.run.report.events.append(("ended", time.time(), member.sid))
-                self._drop(member)
+                if self.idle is not None and member.ready_ref is None:  # a ready worker: kept for the next stage
+                    self.members.pop(member.sid, None)
+                    self.idle.keep(member.actor, self._options)
+                else:
+                    self._drop(member)
+        if self.idle is not None:
+            self.idle.expire()
 
     def _drop(self, member: Member) -> None:
         self.members.pop(member.sid, None)
