@@ -100,9 +100,10 @@ def run_stages(stages: list[Stage], executor: Executor, fresh: bool = False,
 
 
 def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: bool = False,
-            quiet: bool = False, take_over: bool = False) -> list[StageReport]:
+            quiet: bool = False, take_over: bool = False, idle=None) -> list[StageReport]:
     """Everything `prism-ray run` / `prism-ray <stage>` does: check, take the run's lease, record, run on Ray or
-    in-process, report."""
+    in-process, report. `idle`: workers kept by earlier runs of this process (a sweep's points), to take and
+    leave workers in; by default the run keeps its own and ends them when it ends."""
     storage = open_storage(cfg)
     # The data is listed (once per run; never with data.index or a resumed run's index) and checked, then
     # everything else that can be checked from the config and storage: all before anything is written.
@@ -135,11 +136,13 @@ def execute(cfg: Config, stage_names: list[str], fresh: bool = False, local: boo
             from prism_ray.orchestration.ray_logs import run_log_path
             from prism_ray.orchestration.workers import IdleWorkers
             with ray_session(cfg.ray, log_path=run_log_path(cfg.run.output)):
-                idle = IdleWorkers()  # a stage's workers go on to the next stage: no new processes to start
+                # a stage's workers go on to the next stage: no new processes to start
+                kept = idle if idle is not None else IdleWorkers()
                 try:
-                    reports = run(lambda st: run_stage_ray(st, cfg.ray, quiet=quiet, lease=lease, idle=idle))
+                    reports = run(lambda st: run_stage_ray(st, cfg.ray, quiet=quiet, lease=lease, idle=kept))
                 finally:
-                    idle.close()
+                    if idle is None:
+                        kept.close()
         if "evaluate" in stage_names and reports and all(r.complete for r in reports) and len(reports) == len(stages):
             from prism_ray.report import markdown, write_report
             lease.check()

@@ -2,6 +2,9 @@
 through the CLI on real Ray with a tiny config (4 classes, IPC 1, a few iterations and epochs)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -149,6 +152,12 @@ def test_sweep_runs_every_point_with_shared_teachers(swept):
     for s in ("prism", "sre2l"):  # the same budget for both methods
         rows = ShardStore(storage, f"points/iterations=5/recover/{s}").read_combined().to_pylist()
         assert {r["iterations"] for r in rows} == {5}
+    # workers are kept from one run to the next: the first point ran in the teachers' worker (and one more),
+    # the second in the first point's
+    pids = {point: {json.loads(p.read_text())["pid"] for p in Path(out, point).glob("**/records/*.json")}
+            for point in ("teachers", "points/base", "points/iterations=5")}
+    assert all(pids.values()) and pids["teachers"] <= pids["points/base"], pids
+    assert pids["points/iterations=5"] <= pids["points/base"], pids
 
 
 def test_sweep_table(swept):

@@ -77,6 +77,17 @@ def _say(stream, text: str) -> None:
 
 
 def _run_points(sweep: Sweep, storage: Storage, todo: list[Point], local: bool, quiet: bool, stream) -> dict:
+    from prism_ray.orchestration.workers import IdleWorkers
+
+    idle = None if local else IdleWorkers()  # one point's workers go on to the next point's stages
+    try:
+        return _run_each(sweep, storage, todo, local, quiet, stream, idle)
+    finally:
+        if idle is not None:
+            idle.close()
+
+
+def _run_each(sweep: Sweep, storage: Storage, todo: list[Point], local: bool, quiet: bool, stream, idle) -> dict:
     from prism_ray import pipeline
     from prism_ray.report import collect
 
@@ -86,7 +97,7 @@ def _run_points(sweep: Sweep, storage: Storage, todo: list[Point], local: bool, 
             **sweep.base_raw.get("run", {}), "output": storage.uri(TEACHERS_RUN), "name": f"{sweep.name}-teachers",
             "stages": ["squeeze"]}})
         t0 = time.perf_counter()
-        reports = pipeline.execute(teachers, ["squeeze"], local=local, quiet=quiet)
+        reports = pipeline.execute(teachers, ["squeeze"], local=local, quiet=quiet, idle=idle)
         if not all(r.complete for r in reports):
             return {"(squeeze)": f"the shared teachers did not finish; see prism-ray status {teachers.run.output}"}
         _say(stream, f"sweep: teachers ready in {storage.uri(TEACHERS_RUN)} ({time.perf_counter() - t0:.0f} s)")
@@ -99,7 +110,7 @@ def _run_points(sweep: Sweep, storage: Storage, todo: list[Point], local: bool, 
             seed_from(storage, sweep, p)
         t0 = time.perf_counter()
         try:
-            reports = pipeline.execute(p.cfg, list(p.cfg.run.stages), local=local, quiet=quiet)
+            reports = pipeline.execute(p.cfg, list(p.cfg.run.stages), local=local, quiet=quiet, idle=idle)
         except StageError as e:
             raise StageError(f"sweep point {p.name!r}: {e}") from None
         seconds = time.perf_counter() - t0
