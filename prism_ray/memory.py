@@ -53,12 +53,14 @@ def release_freed_memory() -> None:
         pass
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
 
 
 def reset_peak_rss() -> bool:
-    """Start this process's peak resident memory (VmHWM) again from what it holds now (Linux: clear_refs 5), so
-    that a worker reused for another stage reports that stage's peak; False where that is not possible."""
+    """Start this process's peak resident memory (VmHWM) again from what it holds now (Linux: clear_refs 5), and
+    torch's CUDA peak, so that a worker reused for another stage reports that stage's peaks; False where the
+    host peak cannot be reset."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

@@ -87,10 +87,12 @@ class StageActor:
     def load(self, stage: Stage, name: str) -> dict:
         """Drop the worker held now (its teachers, sets, CUDA memory) and build `stage`'s; what `ready` says.
         Called with no unit in flight here."""
+        ran_before = getattr(self, "worker", None) is not None
         self.worker = None
-        gc.collect()
-        release_freed_memory()
-        reset_peak_rss()  # each stage's units report that stage's peak, not the process's
+        if ran_before:  # a stage ran here: free what it held (a new actor has nothing to free)
+            gc.collect()
+            release_freed_memory()
+            reset_peak_rss()  # each stage's units report that stage's peak, not the process's
         self.stage, self.name = stage, name
         self.start_error: Optional[dict] = None
         # computes run one at a time, in the order the driver sent the units (a unit moved here from a busy worker
