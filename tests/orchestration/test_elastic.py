@@ -84,7 +84,8 @@ def test_nodes_removed_twice_leave_every_shard_once(ray_cluster, tmp_path):
     # max_attempts 1: a shard that had counted its lost attempt would have failed
     assert report.complete and report.failed == {}
     assert report.nodes_left == 2 and report.workers_lost >= 2 and report.requeued >= 1
-    assert report.ran + report.duplicates == 20
+    # a shard whose manifest landed just before its worker was lost is found committed when handed out again
+    assert report.ran + report.duplicates + report.already == 20
     check_exactly_once(storage, "prism", 20, 40)
 
 

@@ -103,7 +103,8 @@ def test_killed_worker_actor(cluster, tmp_path):
     report = result["report"]
     # max_attempts 1: the lost shards were requeued, not counted as failed attempts
     assert report.complete and report.failed == {} and report.workers_lost >= 1
-    assert report.ran + report.duplicates == 16
+    # a shard whose manifest landed just before its worker was lost is found committed when handed out again
+    assert report.ran + report.duplicates + report.already == 16
     check_exactly_once(storage, "prism", 16, 32)
 
 
@@ -119,7 +120,8 @@ def test_removed_node(cluster, tmp_path):
     thread.join(timeout=300)
     report = result["report"]
     assert report.complete and report.failed == {} and report.workers_lost >= 1
-    assert report.ran + report.duplicates == 16
+    # a shard whose manifest landed just before its worker was lost is found committed when handed out again
+    assert report.ran + report.duplicates + report.already == 16
     check_exactly_once(storage, "prism", 16, 32)
     # the node really went away, and the run finished on the nodes that are left
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
