@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 import ray
@@ -25,6 +26,7 @@ from tests.orchestration.helpers import (autoscaler_request, check_exactly_once,
 
 pytestmark = pytest.mark.slow
 PREFIX = "recover/prism"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _finish(thread, result, timeout: float = 300):
@@ -127,20 +129,42 @@ def _metric_values(name: str, stage: str) -> list[float]:
     return values
 
 
+METRICS = {"ray_prism_units_committed_total": [4.0], "ray_prism_images_committed_total": [8.0],
+           "ray_prism_unit_seconds_count": [4.0], "ray_prism_units_in_flight": [0.0]}
+
+# A driver of its own, as every `prism-ray` command is: Ray's metric recorder is process-wide state, and this
+# test process has joined and left dozens of clusters before (once in CI its metrics never reached the agent).
+# The driver stays until its metrics are on the endpoint (a driver's series may go with it) and prints them.
+METRICS_DRIVER = """
+import json, sys, time
+import ray, yaml
+from prism_ray.config_loader import config_from_dict
+from tests.orchestration.helpers import start_stage_thread
+from tests.orchestration.test_elastic import METRICS, PREFIX, _finish, _metric_values
+ray.init(address=sys.argv[1], namespace="prism-ray", log_to_driver=False)
+stage, storage, thread, result = start_stage_thread(config_from_dict(yaml.safe_load(open(sys.argv[2]))))
+ran = _finish(thread, result).ran
+deadline, seen = time.time() + 120, {}
+while seen != METRICS and time.time() < deadline:
+    # the latest value of each series: a gauge nobody sets again can leave the endpoint between two polls
+    seen.update({name: v for name in METRICS if (v := _metric_values(name, PREFIX))})
+    time.sleep(0.2)
+print(json.dumps({"ran": ran, "metrics": seen}))
+"""
+
+
 def test_stage_progress_is_exported_as_ray_metrics(ray_cluster, tmp_path):
-    ray_cluster(gpu_nodes=1)
+    c = ray_cluster(gpu_nodes=1)
     cfg = recover_config(str(tmp_path / "run"), ipc=2, iterations=5,
                          ray={"workers": 1, "gpus_per_worker": 1, "cpus_per_worker": 0.5})
-    stage, storage, thread, result = start_stage_thread(cfg)
-    assert _finish(thread, result).ran == 4
-    expected = {"ray_prism_units_committed_total": [4.0], "ray_prism_images_committed_total": [8.0],
-                "ray_prism_unit_seconds_count": [4.0], "ray_prism_units_in_flight": [0.0]}
-
-    def exported():
-        found = {name: _metric_values(name, PREFIX) for name in expected}
-        return found == expected and found
-
-    wait_until(exported, what="the stage's metrics on the Prometheus endpoint")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg.to_dict()))
+    driver = subprocess.run([sys.executable, "-c", METRICS_DRIVER, c.address, str(cfg_path)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert driver.returncode == 0, driver.stderr[-3000:]
+    out = json.loads(driver.stdout.strip().splitlines()[-1])
+    assert out["ran"] == 4
+    assert out["metrics"] == METRICS  # what the head's Prometheus endpoint showed for the stage
 
 
 def test_reserved_gpu_that_torch_cannot_see_fails_fast(ray_cluster, tmp_path, monkeypatch):
