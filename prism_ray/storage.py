@@ -39,6 +39,12 @@ CHECKPOINTS = "checkpoints"
 COMBINED = "manifest.parquet"
 # Folders of a generation that hold bookkeeping, not a unit's outputs (never swept as orphans).
 BOOKKEEPING = {MANIFESTS, FAILED, RECORDS, CHECKPOINTS, COMBINED}
+TEMP_MARK = ".tmp-"  # NAME.tmp-UUID: a local write in flight (or one a crash cut short), never part of a stage
+
+
+def is_temp(name: str) -> bool:
+    """Whether `name` is a local write's temporary file: listings and the orphan sweep leave those out."""
+    return TEMP_MARK in name
 
 
 class StorageError(RuntimeError):
@@ -265,7 +271,7 @@ class Storage:
         """`data` in a fresh temporary file beside `path` (same filesystem: it can be renamed or linked), flushed
         to the disk: a rename or link that survives a crash must not point at unwritten blocks."""
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        tmp = f"{path}{TEMP_MARK}{uuid.uuid4().hex}"
         with open(tmp, "wb") as f:
             f.write(data)
             f.flush()
@@ -339,7 +345,7 @@ class Storage:
         keys = []
         for e in entries:
             name = e[len(base):] if e.startswith(base) else posixpath.basename(e)
-            if name.endswith(suffix) and ".tmp-" not in name:
+            if name.endswith(suffix) and not is_temp(name):
                 keys.append(posixpath.join(prefix, name))
         return sorted(keys)
 
@@ -639,7 +645,7 @@ class ShardStore:
             base = self.storage.path(self.key(""))
             for path in found:
                 rel = posixpath.relpath(path, base)
-                if rel not in listed and ".tmp-" not in rel:
+                if rel not in listed and not is_temp(rel):
                     orphans.append(rel)
         for rel in orphans:
             self.storage.delete(self.key(rel))

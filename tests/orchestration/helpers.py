@@ -7,7 +7,7 @@ from prism_ray import pipeline
 from prism_ray.config_loader import config_from_dict
 from prism_ray.stages.base import RunContext, Stage, Unit, Worker
 from prism_ray.stages.recover import recover_prefix
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import ShardStore, Storage, is_temp
 from tests.conftest import FMNIST_ROOT
 
 
@@ -52,10 +52,9 @@ def check_exactly_once(storage: Storage, set_name: str, expected_shards: int, ex
         listed += store.read(sid).column("path").to_pylist()
     assert len(listed) == len(set(listed)) == expected_images
     root = storage.path(store.key(""))
-    # a local write goes to NAME.tmp-UUID first: one a SIGKILL cut short stays, and like every listing of the
-    # store (and its orphan sweep, which must not delete a write in flight) the check leaves it out
+    # a local write a SIGKILL cut short leaves its temporary file: like the store's listings, leave it out
     on_disk = [posixpath.relpath(p, root) for p in storage.fs.find(storage.path(store.key("images")))
-               if ".tmp-" not in posixpath.basename(p)]
+               if not is_temp(posixpath.basename(p))]
     assert sorted(on_disk) == sorted(listed)  # no file of an attempt that did not commit is left
     assert store.read_combined().num_rows == expected_images
     # one generation: nothing of an earlier (reset) one is left beside it
