@@ -220,6 +220,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None,
                     lost.clear()
                     next_watch = 0.0
         pool.end_idle()  # every unit is back: the workers go to the run's next stage (or are ended)
+        cluster.poll()  # a node that left after the last watch (its worker idle, no unit lost) still counts
     finally:
         pool.close()
         metrics.state(0, 0)

@@ -144,7 +144,7 @@ def test_the_printed_line_runs_as_printed(local_cluster, tmp_path):
 
 
 def test_job_runs_on_both_worker_nodes(local_cluster, tmp_path):
-    cfg = _config(tmp_path, ipc=4, iterations=20, ray={"workers": 2, "cpus_per_worker": 1})
+    cfg = _config(tmp_path, ipc=4, iterations=60, ray={"workers": 2, "cpus_per_worker": 1})
     done = _submit(local_cluster, "recover", str(cfg), "--json")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
