@@ -32,8 +32,13 @@ $(FMNIST):
 demo: setup data
 	$(BIN)/prism-ray run $(CONFIG)
 
+# Two test processes (pytest-xdist), each taking whole modules: a module's Ray, cluster and fixtures stay in one
+# process. TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
 test: setup data
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 test-fast: setup data
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)

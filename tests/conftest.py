@@ -78,6 +78,34 @@ def small_config(output: str, **sections):
     return config_from_dict(raw)
 
 
+# `make test` runs the suite in two processes (pytest-xdist, a whole module to one process). These modules take
+# the longest (measured: docs/benchmarks.md, "Test suite"); handed out first, the two processes end together
+# instead of one running the rehearsal alone at the end. The rest keep their collection order.
+LONGEST_FIRST = ("tests/test_rehearsal.py", "tests/orchestration/test_faults.py", "tests/orchestration/test_elastic.py",
+                 "tests/test_bench_scripts.py", "tests/orchestration/test_local_cluster.py", "tests/test_run_integrity.py",
+                 "tests/test_chaos.py", "tests/test_bench_gpu.py", "tests/test_sweep.py", "tests/stages/test_import_export.py",
+                 "tests/stages/test_growth.py", "tests/orchestration/test_autoscaling.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))  # stable: the rest as collected
+
+
+def pytest_configure(config):
+    """Before any test process starts Ray: the token of Ray's token authentication, which the first local Ray
+    writes to ~/.ray/auth_token when it is missing. Two test processes starting their first Ray together on a
+    fresh machine would each write one, and a client reading the file could then hold the other's token."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+    except ImportError:  # another Ray: it has its own way, and a fresh machine's race is the only risk
+        return
+    if not auth._get_default_token_path().exists():
+        auth.generate_and_save_token()  # what the first local ray.init would write, without turning auth on here
+
+
 # The pytest process starts and stops Ray many times (every in-process `prism-ray run` and module fixture), forks
 # DataLoader workers and holds s3fs's IO thread. One CI run printed every result and then died of SIGSEGV while
 # the interpreter tore those native libraries down (restarting Ray in one process is known to leave such state
