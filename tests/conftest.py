@@ -61,6 +61,18 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def kept_workers(ray_local):
+    """Workers one pipeline run of the module leaves for the next (`pipeline.execute(..., idle=)`), as a sweep's
+    points share theirs: a module that runs several pipelines starts its workers once (a toy run costs ~30 %
+    less CPU). Ended before the module's Ray."""
+    from prism_ray.orchestration.workers import IdleWorkers
+
+    kept = IdleWorkers()
+    yield kept
+    kept.close()
+
+
 def small_config(output: str, **sections):
     """A config for tests: Fashion-MNIST, few images, tiny teachers, local storage unless told."""
     from prism_ray.config_loader import config_from_dict

@@ -1,4 +1,5 @@
-"""Same config, same seed, two outputs: every committed file is byte-identical, squeeze checkpoints included."""
+"""Same config, same seed, two outputs: every committed file is byte-identical, squeeze checkpoints included, the
+second run made by the workers the first left (as a sweep's points share theirs)."""
 from __future__ import annotations
 
 import pytest
@@ -34,12 +35,12 @@ def committed_files(storage: Storage) -> dict[str, str]:
     return files
 
 
-def test_same_seed_gives_the_same_bytes(tmp_path):
+def test_same_seed_gives_the_same_bytes(tmp_path, kept_workers):
     assert any(isinstance(m, nn.Dropout) for m in build_model("mobilenet_v2_x0_5", ModelShape(4, 1, 28)).modules())
     storages = []
     for name in ("a", "b"):
         cfg = reduced_run(str(tmp_path / name))
-        reports = pipeline.execute(cfg, list(cfg.run.stages), quiet=True)
+        reports = pipeline.execute(cfg, list(cfg.run.stages), quiet=True, idle=kept_workers)
         assert reports and all(r.complete for r in reports)
         storages.append(pipeline.open_storage(cfg))
     a, b = (committed_files(s) for s in storages)

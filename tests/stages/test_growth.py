@@ -47,16 +47,17 @@ def snapshot(storage, set_name: str) -> dict[str, tuple[bytes, int]]:
 
 
 @pytest.fixture(scope="module")
-def grown(tmp_path_factory):
+def grown(tmp_path_factory, kept_workers):
     out = str(tmp_path_factory.mktemp("grow") / "run")
     small = growth_config(out, ipc=2)
-    first = pipeline.execute(small, ["recover", "relabel", "evaluate"], quiet=True)
+    first = pipeline.execute(small, ["recover", "relabel", "evaluate"], quiet=True, idle=kept_workers)
     assert all(r.complete for r in first)
     storage = pipeline.open_storage(small)
     before = {s: snapshot(storage, s) for s in SETS}
     old_results = storage.read_bytes("report/results.parquet")
     big = growth_config(out, ipc=3)
-    second = {r.stage: r for r in pipeline.execute(big, ["recover", "relabel", "evaluate"], quiet=True)}
+    second = {r.stage: r for r in pipeline.execute(big, ["recover", "relabel", "evaluate"], quiet=True,
+                                                    idle=kept_workers)}
     return {"small": small, "big": big, "storage": storage, "before": before, "second": second,
             "old_results": old_results}
 

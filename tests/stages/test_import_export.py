@@ -37,12 +37,13 @@ def set_files(storage: Storage, set_name: str) -> list[tuple[int, int, bytes]]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, ray_local, s3_endpoint):
+def runs(tmp_path_factory, ray_local, kept_workers, s3_endpoint):
     import boto3
 
     base = tmp_path_factory.mktemp("import")
     cfg_a = pipeline_config(str(base / "run-a"))
-    assert all(r.complete for r in pipeline.execute(cfg_a, ["recover", "relabel", "evaluate"], quiet=True))
+    assert all(r.complete for r in pipeline.execute(cfg_a, ["recover", "relabel", "evaluate"], quiet=True,
+                                                    idle=kept_workers))
     bucket = "prism-exports"
     boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
     exports = {"folder": str(base / "export-folder"), "s3": f"s3://{bucket}/prism-folder",
@@ -56,7 +57,8 @@ def runs(tmp_path_factory, ray_local, s3_endpoint):
         "random_real": True, "imported": {
             "sre2l_release": {"uri": str(sre2l), "method": "SRe2L recover (their save_images layout)"},
             "prism_folder": {"uri": exports["s3"]}, "prism_parquet": {"uri": exports["parquet"]}}})
-    assert all(r.complete for r in pipeline.execute(cfg_b, ["recover", "relabel", "evaluate"], quiet=True))
+    assert all(r.complete for r in pipeline.execute(cfg_b, ["recover", "relabel", "evaluate"], quiet=True,
+                                                    idle=kept_workers))
     return cfg_a, cfg_b, exports, sre2l
 
 
