@@ -93,6 +93,10 @@ nodes_alive() {  # nodes_alive N: N nodes are alive
     | "$PYTHON" -c 'import json, sys; sys.exit(sum(n["state"] == "ALIVE" for n in json.load(sys.stdin)) < int(sys.argv[1]))' "$1"
 }
 
+listening() {  # listening PORT: something accepts connections on 127.0.0.1:PORT
+  "$PYTHON" -c 'import socket, sys; socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=2).close()' "$1"
+}
+
 free_port() {
   "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
@@ -112,13 +116,18 @@ up() {
   export PATH="$(dirname "$PYTHON"):$PATH"
   # The head binds to loopback only: RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 keeps 127.0.0.1 as its address. Ports
   # with fixed defaults (agent 52365, client 10001) are picked free: another Ray on this machine may hold them.
+  local head_agent_port
+  head_agent_port="$(free_port)"
   RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 setsid "$RAY" start --head --block --node-ip-address=127.0.0.1 \
     --node-name=local-head --port="$GCS_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --metrics-export-port="$METRICS_PORT" --num-cpus=0 --num-gpus=0 --temp-dir="$ray_tmp/head" \
-    --dashboard-agent-listen-port="$(free_port)" --ray-client-server-port="$(free_port)" \
+    --dashboard-agent-listen-port="$head_agent_port" --ray-client-server-port="$(free_port)" \
     > "$state/head.log" 2>&1 < /dev/null &
   echo $! > "$state/head.pid"
   wait_for 120 "the head's job server coming up" dashboard_up || { down; return 1; }
+  # a job goes to the head's agent, and the job server waits only 10 s for one ("No available agent to submit
+  # job"): on a busy machine the agent comes up later than the job server
+  wait_for 120 "the head's job agent coming up" listening "$head_agent_port" || { down; return 1; }
   for i in $(seq 1 "$WORKERS"); do
     setsid "$PYTHON" -c "$keep_loopback" start --block --address="127.0.0.1:$GCS_PORT" --node-ip-address=127.0.0.1 \
       --node-name="local-worker-$i" --num-cpus="$WORKER_CPUS" --num-gpus="$WORKER_GPUS" \

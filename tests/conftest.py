@@ -91,7 +91,7 @@ def small_config(output: str, **sections):
 
 
 # `make test` runs the suite in two processes (pytest-xdist, a whole module to one process). These modules take
-# the longest (measured: docs/benchmarks.md, "Test suite"); handed out first, the two processes end together
+# the longest (docs/benchmarks.md, "The demo and the test suite"); handed out first, the two processes end together
 # instead of one running the rehearsal alone at the end. The rest keep their collection order.
 LONGEST_FIRST = ("tests/test_rehearsal.py", "tests/orchestration/test_faults.py", "tests/orchestration/test_elastic.py",
                  "tests/test_bench_scripts.py", "tests/orchestration/test_local_cluster.py", "tests/test_run_integrity.py",

@@ -79,3 +79,12 @@ def test_make_check_names_test_files_that_exist_and_leaves_pipelines_to_make_tes
     assert missing == []
     # the quick loop holds none of the modules that run whole pipelines (those are `make test`'s)
     assert not any(p.startswith(("tests/test_rehearsal", "tests/test_chaos", "tests/test_sweep")) for p in paths)
+
+
+def test_the_suite_hands_out_test_files_that_exist_first():
+    """The two test processes take the longest modules first (tests/conftest.py): a renamed file would silently
+    fall back to its collection order and leave one process running it alone at the end."""
+    from tests.conftest import LONGEST_FIRST
+
+    assert len(LONGEST_FIRST) == len(set(LONGEST_FIRST)) >= 5
+    assert [p for p in LONGEST_FIRST if not (ROOT / p).is_file()] == []

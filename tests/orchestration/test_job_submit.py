@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 import subprocess
 import sys
 import time
@@ -25,31 +26,50 @@ REPO = Path(__file__).resolve().parents[2]
 RAY = str(Path(sys.executable).parent / "ray")
 
 
+def _answers(url: str) -> bool:
+    try:
+        urllib.request.urlopen(url, timeout=2)
+    except urllib.error.HTTPError:  # it answers (401 without a token): it is up
+        pass
+    except OSError:
+        return False
+    return True
+
+
+def _accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    except OSError:
+        return False
+    return True
+
+
+def _wait(ready, seconds: float = 120) -> bool:
+    deadline = time.time() + seconds
+    while not ready():
+        if time.time() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 @pytest.fixture
 def head(tmp_path):
     if ray.is_initialized():
         ray.shutdown()
-    port, dashboard = free_port(), free_port()
+    port, dashboard, agent = free_port(), free_port(), free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     # --block keeps the head in the foreground: terminating it stops exactly the processes it started
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3",
-                             "--include-dashboard=true"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:  # it answers (401 without a token): it is up
-            break
-        except OSError:
-            time.sleep(1)
-    else:
+    if not (_wait(lambda: _answers(f"{url}/api/version")) and _wait(lambda: _accepts(agent))):
         proc.terminate()
-        pytest.fail("the Ray head's job server did not come up")
+        # the job server waits only 10 s for the head's agent, which comes up after it on a busy machine
+        pytest.fail("the Ray head's job server or its job agent did not come up")
     yield url, env
     proc.terminate()
     proc.wait(timeout=90)
