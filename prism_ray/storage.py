@@ -42,6 +42,13 @@ BOOKKEEPING = {MANIFESTS, FAILED, RECORDS, CHECKPOINTS, COMBINED}
 TEMP_MARK = ".tmp-"  # NAME.tmp-UUID: a local write in flight (or one a crash cut short), never part of a stage
 
 
+def _modified(info: dict, default: float) -> float:
+    """A listed file's modification time (epoch seconds) as fsspec's local filesystem gives it; `default` where
+    the listing has none (object stores: they write no temporary files)."""
+    mtime = info.get("mtime")
+    return float(mtime) if isinstance(mtime, (int, float)) else default
+
+
 def is_temp(name: str) -> bool:
     """Whether `name` is a local write's temporary file: listings and the orphan sweep leave those out."""
     return TEMP_MARK in name
@@ -627,25 +634,32 @@ class ShardStore:
                 problems.append(f"{row['path']}: {problem}")
         return problems
 
-    def sweep_orphans(self) -> list[str]:
+    def sweep_orphans(self, stale_temp_seconds: float | None = None) -> list[str]:
         """Delete the files of attempts that never committed (workers killed mid-commit) from the folders that hold
-        committed outputs; returns their paths. Called once every unit is committed."""
+        committed outputs; returns their paths. Called once every unit is committed. A local write's temporary
+        file goes too once it is older than `stale_temp_seconds` (None: never): its writer was cut short, since
+        this driver has no unit in flight and an earlier driver's workers end with it."""
         table = self.read_all()
         if table is None:
             return []
         listed = set(table.column("path").to_pylist())
         orphans = []
+        now = time.time()
         for top in sorted({p.split("/", 1)[0] for p in listed} - BOOKKEEPING):
             root = self.storage.path(self.key(top))
             with translate_errors("cannot list", self.storage.uri(self.key(top))):
                 try:
-                    found = self.storage.fs.find(root)
+                    found = self.storage.fs.find(root, detail=True)
                 except FileNotFoundError:
                     continue
             base = self.storage.path(self.key(""))
-            for path in found:
+            for path, info in found.items():
                 rel = posixpath.relpath(path, base)
-                if rel not in listed and not is_temp(rel):
+                if rel in listed:
+                    continue
+                if not is_temp(rel):
+                    orphans.append(rel)
+                elif stale_temp_seconds is not None and now - _modified(info, now) > stale_temp_seconds:
                     orphans.append(rel)
         for rel in orphans:
             self.storage.delete(self.key(rel))

@@ -5,7 +5,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from prism_ray.config import StorageConfig
-from prism_ray.storage import IntegrityError, ShardStore, Storage, StorageError, begin_stage, sha256
+from prism_ray.storage import (TEMP_MARK, IntegrityError, ShardStore, Storage, StorageError, begin_stage,
+                                sha256)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -59,6 +60,27 @@ def test_outputs_without_manifest_are_not_committed(storage):
     assert store.verify("shard-0002") == []
     assert sorted(store.sweep_orphans()) == ["images/c000.png", "images/c001.png"]
     assert not storage.exists(store.key("images/c000.png")) and store.verify("shard-0002") == []
+
+
+def test_temporary_files_a_crash_left_are_swept_once_older_than_the_lease(tmp_path):
+    import os
+    import time
+
+    storage = Storage(str(tmp_path / "run"))
+    store = begin_stage(storage, "recover/prism")
+    assert store.commit("shard-0001", outputs(2), [{"class_id": 0}, {"class_id": 1}]).committed
+    (row,) = [r for r in store.read("shard-0001").to_pylist() if r["class_id"] == 0]
+    folder = os.path.dirname(storage.path(store.key(row["path"])))
+    stale, fresh = (os.path.join(folder, f"c007.ab12cd34ef56.png{TEMP_MARK}{n}") for n in ("1" * 32, "2" * 32))
+    for path in (stale, fresh):
+        with open(path, "wb") as f:
+            f.write(b"cut short")
+    os.utime(stale, (time.time() - 600, time.time() - 600))  # written 10 minutes ago by a worker killed mid-write
+    assert store.sweep_orphans() == []  # no age given: a write that may be in flight is never touched
+    swept = store.sweep_orphans(stale_temp_seconds=60)
+    assert swept == [f"images/{os.path.basename(stale)}"]
+    assert not os.path.exists(stale) and os.path.exists(fresh)  # the recent one may still be a write in flight
+    assert store.verify("shard-0001") == []
 
 
 def test_first_commit_wins_and_the_loser_leaves_nothing(storage):

@@ -156,10 +156,11 @@ class Stage(ABC):
         return None
 
     def finalize(self) -> None:
-        """Called once every unit is committed: sweep the files of attempts that never committed, then write the
-        stage's combined manifest (the stage is complete once it exists)."""
+        """Called once every unit is committed: sweep the files of attempts that never committed (and temporary
+        files older than the run's lease), then write the stage's combined manifest (the stage is complete once it
+        exists)."""
         store = self.store
-        store.sweep_orphans()
+        store.sweep_orphans(stale_temp_seconds=self.cfg.run.lease_seconds)
         store.write_combined()
 
     # ---- the record: config, generation, lineage
