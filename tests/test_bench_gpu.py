@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -24,9 +25,10 @@ def test_gpu_script_runs_every_variant_at_tiny_sizes(tmp_path):
     assert data["device"] == "cpu" and data["size"] == "tiny" and data["gpu"] is None
     rows = {r["variant"]: r for r in data["summary"]}
     assert set(rows) == {"fp32", "bf16_cl", "bf16_cl_compile", "reference_fp32"}
+    # every figure computed; not their signs: at toy sizes on a busy CPU a member's marginal time (a difference of
+    # two timings) can come out negative (seen: a speed-up of -0.61 with another test process beside it)
     for row in rows.values():
-        assert row["step_ms"] > 0 and row["s_per_image"] > 0 and row["tflops"] > 0
-        assert row["speedup_vs_reference"] > 0
+        assert all(math.isfinite(row[k]) for k in ("step_ms", "s_per_image", "tflops", "speedup_vs_reference"))
     variants = data["variants"]
     # the members table: the primary and every pool member, for the engine and the reference loop
     for name in ("fp32", "reference_fp32"):
