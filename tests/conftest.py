@@ -93,9 +93,10 @@ def small_config(output: str, **sections):
 # `make test` runs the suite in two processes (pytest-xdist, a whole module to one process). These modules take
 # the longest (docs/benchmarks.md, "The demo and the test suite"); handed out first, the two processes end together
 # instead of one running the rehearsal alone at the end. The rest keep their collection order.
-LONGEST_FIRST = ("tests/test_rehearsal.py", "tests/orchestration/test_faults.py", "tests/orchestration/test_elastic.py",
-                 "tests/test_bench_scripts.py", "tests/orchestration/test_local_cluster.py", "tests/test_run_integrity.py",
-                 "tests/test_chaos.py", "tests/test_bench_gpu.py", "tests/test_sweep.py", "tests/stages/test_import_export.py",
+LONGEST_FIRST = ("tests/test_rehearsal.py", "tests/orchestration/test_faults.py",
+                 "tests/orchestration/test_elastic.py", "tests/test_bench_scripts.py",
+                 "tests/orchestration/test_local_cluster.py", "tests/test_run_integrity.py", "tests/test_chaos.py",
+                 "tests/test_bench_gpu.py", "tests/test_sweep.py", "tests/stages/test_import_export.py",
                  "tests/stages/test_growth.py", "tests/orchestration/test_autoscaling.py")
 
 

@@ -63,8 +63,8 @@ def head(tmp_path):
     # --block keeps the head in the foreground: terminating it stops exactly the processes it started
     proc = subprocess.Popen([RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
                              "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", "--num-cpus=3",
-                             "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                             "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}"], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
     if not (_wait(lambda: _answers(f"{url}/api/version")) and _wait(lambda: _accepts(agent))):
         proc.terminate()
