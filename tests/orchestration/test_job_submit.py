@@ -7,7 +7,6 @@ import secrets
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -19,7 +18,7 @@ import yaml
 from prism_ray.status import run_status
 from prism_ray.storage import Storage
 from tests.conftest import free_port
-from tests.orchestration.helpers import pipeline_config
+from tests.orchestration.helpers import pipeline_config, wait_until
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -44,15 +43,6 @@ def _accepts(port: int) -> bool:
     return True
 
 
-def _wait(ready, seconds: float = 120) -> bool:
-    deadline = time.time() + seconds
-    while not ready():
-        if time.time() > deadline:
-            return False
-        time.sleep(0.5)
-    return True
-
-
 @pytest.fixture
 def head(tmp_path):
     if ray.is_initialized():
@@ -66,10 +56,13 @@ def head(tmp_path):
                              "--include-dashboard=true", f"--dashboard-agent-listen-port={agent}"], cwd=REPO,
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{dashboard}"
-    if not (_wait(lambda: _answers(f"{url}/api/version")) and _wait(lambda: _accepts(agent))):
-        proc.terminate()
+    try:
+        wait_until(lambda: _answers(f"{url}/api/version"), what="the Ray head's job server coming up")
         # the job server waits only 10 s for the head's agent, which comes up after it on a busy machine
-        pytest.fail("the Ray head's job server or its job agent did not come up")
+        wait_until(lambda: _accepts(agent), what="the Ray head's job agent coming up")
+    except AssertionError:
+        proc.terminate()
+        raise
     yield url, env
     proc.terminate()
     proc.wait(timeout=90)
