@@ -14,7 +14,6 @@ import sys
 from collections import defaultdict
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from prism_ray.runs import RUN_RECORD
@@ -24,7 +23,7 @@ from prism_ray.stages.imported import read_summary
 from prism_ray.stages.recover import recover_prefix
 from prism_ray.stages.relabel import RELABEL_PREFIX
 from prism_ray.stats import mean_std, paired_difference
-from prism_ray.storage import ShardStore, Storage
+from prism_ray.storage import ShardStore, Storage, parquet_table
 
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
 
@@ -39,7 +38,7 @@ def _combined(storage: Storage, prefix: str) -> list[dict]:
 
 def _output_table(storage: Storage, prefix: str, row: dict) -> list[dict]:
     """The Parquet output one manifest row names, checked against its sha256."""
-    return pq.read_table(pa.BufferReader(ShardStore(storage, prefix).read_output(row))).to_pylist()
+    return parquet_table(ShardStore(storage, prefix).read_output(row)).to_pylist()
 
 
 def lineage(storage: Storage) -> list[dict]:

@@ -376,7 +376,15 @@ class Storage:
         self.write_bytes(key, table_bytes(table))
 
     def read_table(self, key: str) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(key)))
+        return parquet_table(self.read_bytes(key))
+
+
+def parquet_table(data: bytes, columns: Sequence[str] | None = None) -> pa.Table:
+    """The table of a whole Parquet file held in memory, decoded on the calling thread. Decoded on Arrow's threads,
+    the last reference to `data` (a Python object) can be dropped on one of them just after the read returns: if
+    the interpreter is exiting by then, that thread cannot take the GIL and the process aborts ("terminate called
+    without an active exception"), e.g. a CLI command whose last act was reading a manifest."""
+    return pq.ParquetFile(pa.BufferReader(data)).read(columns=columns, use_threads=False)
 
 
 def table_bytes(table: pa.Table) -> bytes:

@@ -21,7 +21,6 @@ writes anything: empty class folders, validation classes the training set lacks,
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import posixpath
@@ -37,7 +36,7 @@ from prism_ray.data.base import ClassIndexedDataset, DataError, dataset_normaliz
 from prism_ray.data.fashion_mnist import CLASS_NAMES, FILES, FashionMNIST, idx_gz_length, read_idx_gz
 from prism_ray.data.image_folder import IMAGE_EXTENSIONS, ImageFolderDataset
 from prism_ray.data.parquet_table import ParquetImageDataset, class_names_from_metadata, file_path
-from prism_ray.storage import Storage, filesystem, read_object, table_bytes, translate_errors
+from prism_ray.storage import Storage, filesystem, parquet_table, read_object, table_bytes, translate_errors
 
 INDEX_META = b"prism_ray_index"
 FORMAT = 1
@@ -128,12 +127,12 @@ class DataIndex:
     def from_bytes(cls, data: bytes, name: str, skip: tuple[str, ...] = ()) -> DataIndex:
         """An index from its Parquet bytes, without the columns in `skip` (a reader needs no sizes)."""
         try:
-            pf = pq.ParquetFile(io.BytesIO(data))
-            table = pf.read(columns=[c for c in pf.schema_arrow.names if c not in skip])
+            schema = pq.read_schema(pa.BufferReader(data))
+            table = parquet_table(data, [c for c in schema.names if c not in skip])
         except (pa.ArrowException, OSError) as e:
             raise DataError(f"{name}: not a readable data index ({e}); rebuild it with `prism-ray index CONFIG`") \
                 from None
-        raw = (pf.schema_arrow.metadata or {}).get(INDEX_META)
+        raw = (schema.metadata or {}).get(INDEX_META)
         if raw is None:
             raise DataError(f"{name}: not a prism-ray data index; build one with `prism-ray index CONFIG --out FOLDER`")
         meta = json.loads(raw)
@@ -315,7 +314,7 @@ def _list_parquet(uri: str, split: str, source: dict, storage: StorageConfig | N
                 if not pa.types.is_integer(schema.field(label_column).type):
                     raise DataError(f"{name}: column {label_column!r} (data.label_column) holds "
                                     f"{schema.field(label_column).type}, not integer class ids")
-                labels = pf.read(columns=[label_column]).column(0)
+                labels = pf.read(columns=[label_column], use_threads=False).column(0)
                 sizes = [pf.metadata.row_group(i).num_rows for i in range(pf.num_row_groups)]
         if labels.null_count:
             raise DataError(f"{name}: column {label_column!r} (data.label_column) has {labels.null_count} empty values")

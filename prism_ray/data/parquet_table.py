@@ -93,7 +93,7 @@ class ParquetImageDataset(ClassIndexedDataset):
         if key not in self._cache:
             handle = self._handle(fi)
             with translate_errors("cannot read", file_path(self.uri, self._files[fi])):
-                col = handle.read_row_group(rg, columns=[self._image_column]).column(0)
+                col = handle.read_row_group(rg, columns=[self._image_column], use_threads=False).column(0)
             self._cache[key] = col.combine_chunks()
             while len(self._cache) > ROW_GROUPS_KEPT:
                 self._cache.popitem(last=False)

@@ -39,7 +39,7 @@ from prism_ray.data.base import DataError, resize_center, to_channels
 from prism_ray.data.image_folder import IMAGE_EXTENSIONS, decode_image
 from prism_ray.data.index import resolve_uri
 from prism_ray.data.parquet_table import class_names_from_metadata
-from prism_ray.storage import filesystem, read_objects, sha256, table_bytes, translate_errors
+from prism_ray.storage import filesystem, parquet_table, read_objects, sha256, table_bytes, translate_errors
 
 SOFT_LABELS = "soft_labels"  # a prism-ray export's soft label tables: never classes or images
 KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png"}  # kept byte for byte at the run's size
@@ -187,7 +187,7 @@ class SourceIndex:
 
     @classmethod
     def from_bytes(cls, data: bytes) -> SourceIndex:
-        table = pq.read_table(io.BytesIO(data))
+        table = parquet_table(data)
         meta = json.loads(table.schema.metadata[INDEX_META])
         return cls(meta["name"], meta["spec"], meta["format"], meta["rule"], table.replace_schema_metadata(None),
                    meta["class_names"], meta["declared_ipc"], meta["files"])
@@ -379,7 +379,7 @@ def _index_parquet(fs, base, uri, files, spec, name, spec_dict, class_names, cha
                                     f"{schema.field(label_col).type}, not integer labels")
                 groups = []
                 for g in range(pf.num_row_groups):
-                    col = pf.read_row_group(g, columns=[label_col]).column(0)
+                    col = pf.read_row_group(g, columns=[label_col], use_threads=False).column(0)
                     if col.null_count:
                         raise DataError(f"{where}: column {label_col!r} has empty labels in row group {g}")
                     groups.append(col.to_numpy().astype(np.int64))
@@ -433,7 +433,7 @@ def _row_group_images(fs, base, uri, rel, image_col, groups):
         with fs.open(_file(base, rel), "rb") as f:
             pf = pq.ParquetFile(f)
             for g in groups:
-                yield g, pf.read_row_group(g, columns=[image_col]).column(0).to_pylist()
+                yield g, pf.read_row_group(g, columns=[image_col], use_threads=False).column(0).to_pylist()
 
 
 def _image_bytes(value, where: str, image_col: str) -> bytes:

@@ -15,11 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from prism_ray.config import Config
-from prism_ray.storage import (GENERATION, MANIFESTS, STAGE_RECORD, ShardStore, Storage, new_generation, redact,
-                               retrying, sha256, write_stage_record)
+from prism_ray.storage import (GENERATION, MANIFESTS, STAGE_RECORD, ShardStore, Storage, new_generation,
+                               parquet_table, redact, retrying, sha256, write_stage_record)
 
 
 @dataclass(frozen=True)
@@ -307,7 +306,7 @@ def read_upstream(storage: Storage, prefix: str, expected: dict | None = None) -
     if expected and sha256(data) != expected["manifest"]:
         raise StageError(f"{storage.uri(prefix)}: its combined manifest changed after this stage started; rerun "
                          f"this stage")
-    return store, pq.read_table(pa.BufferReader(data))
+    return store, parquet_table(data)
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:

@@ -137,6 +137,19 @@ def _fixed_to_numpy(col: pa.ChunkedArray) -> np.ndarray:
     return arr.flatten().to_numpy(zero_copy_only=False).reshape(len(arr), arr.type.list_size)
 
 
+def read_epoch_rows(blob: bytes, epoch: int) -> pa.Table:
+    """The row groups of a label shard file that hold `epoch` (their statistics name it; each epoch is written
+    in row groups of its own), decoded on the calling thread (see storage.parquet_table)."""
+    pf = pq.ParquetFile(pa.BufferReader(blob))
+    column = pf.schema_arrow.get_field_index("epoch")
+    groups = []
+    for g in range(pf.num_row_groups):
+        stats = pf.metadata.row_group(g).column(column).statistics
+        if stats is None or not stats.has_min_max or stats.min <= epoch <= stats.max:
+            groups.append(g)
+    return pf.read_row_groups(groups, use_threads=False)
+
+
 def read_epoch(table: pa.Table, epoch: int, mix_group: int) -> tuple[EpochPlan, torch.Tensor, torch.Tensor | None]:
     """One epoch's plan and stored label values (and top-k indices) from a label shard table."""
     import pyarrow.compute as pc
@@ -198,8 +211,7 @@ class LabelSource:
                 row = self._row(unit)
                 self._blob = self._store.read_output(row)
                 self._shard_id = unit.id
-            # only this epoch's row groups are decoded (their statistics name the epoch)
-            table = pq.read_table(pa.BufferReader(self._blob), filters=[("epoch", "=", epoch)])
+            table = read_epoch_rows(self._blob, epoch)
             plan, values, indices = read_epoch(table, epoch, self.cfg.relabel.mix_group)
             del table  # the tensors are copies: give Arrow's buffers back before the epoch's training
             pa.default_memory_pool().release_unused()
