@@ -219,6 +219,7 @@ def run_stage_ray(stage: Stage, cfg: RayConfig, quiet: bool = False, lease=None,
                 if lost:
                     lost.clear()
                     next_watch = 0.0
+        pool.settle_loads()
         pool.end_idle()  # every unit is back: the workers go to the run's next stage (or are ended)
         cluster.poll()  # a node that left after the last watch (its worker idle, no unit lost) still counts
     finally:

@@ -30,6 +30,7 @@ FAKE_GPUS_ENV = "PRISM_RAY_FAKE_GPUS"  # tests: GPUs that are Ray resources only
 START_DEATHS_BEFORE_FAILING = 10  # workers dying while starting (not their own error) before the stage gives up
 WITHDRAWN_POLL_SECONDS = 0.5  # how soon a unit waiting for the compute lock notices it was taken back
 IDLE_KEEP_SECONDS = 30.0  # how long a worker a stage no longer needs is kept for the run's next stage
+LOAD_SETTLE_SECONDS = 5.0  # how long a stage's end waits for kept workers still loading it (a new process costs ~5 s)
 
 
 def record_key(store: ShardStore, unit_id: str) -> str:
@@ -194,6 +195,7 @@ class Member:
     node_ip: Optional[str] = None
     held: list = field(default_factory=list)  # ObjectRefs of its units in flight, in the order they were sent
     sent: int = 0  # units sent to it so far: the next one's turn (StageActor.run)
+    kept: bool = False  # taken from the run's kept workers: ready_ref is its `load` of this stage
 
     @property
     def in_flight(self) -> int:
@@ -342,7 +344,7 @@ class WorkerPool:
         name = f"{self.stage.cfg.run.name}/{self.stage.name}/worker-{sid}/{self.tag}"
         actor = self.idle.take(self._options) if self.idle is not None else None
         if actor is not None:
-            member = Member(sid, name, actor, actor.load.remote(self.stage, name))
+            member = Member(sid, name, actor, actor.load.remote(self.stage, name), kept=True)
         else:
             actor = self._actor_cls.options(name=name, **self._options).remote(
                 self.stage, name, self.cfg.cpus_per_worker, self.cfg.gpus_per_worker, self.check_gpu)
@@ -414,17 +416,42 @@ class WorkerPool:
 
     def end_idle(self) -> None:
         """The queue is empty and no unit waits behind a busy worker: end every worker with nothing in flight
-        (ready or still waiting for room)."""
+        (ready or still waiting for room). A kept worker still loading this stage is left to finish loading and
+        kept then: killed, it would cost the next stage a new process."""
         for member in list(self.members.values()):
-            if member.in_flight == 0:
-                self.run.report.events.append(("ended", time.time(), member.sid))
-                if self.idle is not None and member.ready_ref is None:  # a ready worker: kept for the next stage
-                    self.members.pop(member.sid, None)
-                    self.idle.keep(member.actor, self._options)
-                else:
-                    self._drop(member)
+            if member.in_flight:
+                continue
+            if self.idle is not None and member.ready_ref is not None and member.kept:
+                continue
+            self.run.report.events.append(("ended", time.time(), member.sid))
+            if self.idle is not None and member.ready_ref is None:  # a ready worker: kept for the next stage
+                self.members.pop(member.sid, None)
+                self.idle.keep(member.actor, self._options)
+            else:
+                self._drop(member)
         if self.idle is not None:
             self.idle.expire()
+
+    def settle_loads(self, timeout: float = LOAD_SETTLE_SECONDS) -> None:
+        """Every unit is back: wait up to `timeout` for kept workers still loading this stage, so that `end_idle`
+        keeps them. One whose load failed or is not done by then is ended (the stage needs it no more)."""
+        loading = {m.ready_ref: m for m in self.members.values() if m.kept and m.ready_ref is not None}
+        if not loading:
+            return
+        done, _ = ray.wait(list(loading), num_returns=len(loading), timeout=timeout)
+        for ref in done:
+            member = loading[ref]
+            try:
+                info = ray.get(ref)
+            except ray.exceptions.RayActorError:
+                info = {"error": "lost"}
+            if info.get("error"):
+                self._drop(member)
+            else:
+                member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
+        for member in loading.values():
+            if member.ready_ref is not None:
+                self._drop(member)
 
     def _drop(self, member: Member) -> None:
         self.members.pop(member.sid, None)

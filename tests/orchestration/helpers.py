@@ -136,10 +136,11 @@ def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
             for k in storage.list(store.key(RECORDS), suffix=".json")}
 
 
-def sleep_stage(cfg, storage, seconds: list[float], prefix: str = "test/sleep"):
+def sleep_stage(cfg, storage, seconds: list[float], prefix: str = "test/sleep", slow_open=None):
     """A stage of len(seconds) units whose unit i only sleeps seconds[i] (no CPU), then commits one small file:
-    dispatch tests choose how long each unit takes. Prepared (its generation taken up), as a driver does."""
-    stage = _SleepStage(cfg, storage, RunContext(1, ["c0"], [1]), list(seconds), prefix)
+    dispatch tests choose how long each unit takes. Prepared (its generation taken up), as a driver does.
+    `slow_open` (seconds, marker file): every worker but the first to open the stage takes that long to open it."""
+    stage = _SleepStage(cfg, storage, RunContext(1, ["c0"], [1]), list(seconds), prefix, slow_open)
     stage.prepare()
     return stage
 
@@ -147,9 +148,9 @@ def sleep_stage(cfg, storage, seconds: list[float], prefix: str = "test/sleep"):
 class _SleepStage(Stage):
     kind = "test"
 
-    def __init__(self, cfg, storage, context, seconds, prefix):
+    def __init__(self, cfg, storage, context, seconds, prefix, slow_open=None):
         super().__init__(cfg, storage, context)
-        self.seconds, self._prefix = seconds, prefix
+        self.seconds, self._prefix, self.slow_open = seconds, prefix, slow_open
 
     @property
     def prefix(self) -> str:
@@ -162,6 +163,14 @@ class _SleepStage(Stage):
         return {"seconds": self.seconds}
 
     def open_worker(self) -> Worker:
+        if self.slow_open:
+            import os
+            import time
+            seconds, marker = self.slow_open
+            try:
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                time.sleep(seconds)
         return _SleepWorker(self)
 
 

@@ -11,9 +11,10 @@ import pytest
 
 from prism_ray import pipeline
 from prism_ray.memory import peak_rss_bytes, reset_peak_rss
+from prism_ray.orchestration.dispatch import run_stage_ray
 from prism_ray.orchestration.workers import IdleWorkers
-from prism_ray.storage import RECORDS
-from tests.orchestration.helpers import pipeline_config
+from prism_ray.storage import RECORDS, Storage
+from tests.orchestration.helpers import pipeline_config, recover_config, sleep_stage
 
 
 def _record_pids(output, stage_folder: str) -> set[int]:
@@ -55,6 +56,25 @@ def test_a_kept_worker_is_ended_after_its_keep_time_and_only_matching_ones_are_t
     assert len(short) == 0
     with pytest.raises(ray_local.exceptions.RayActorError):
         ray_local.get(a.ping.remote(), timeout=30)
+
+
+def test_a_kept_worker_still_loading_when_the_units_are_done_is_kept_again(ray_local, tmp_path):
+    # the second stage's two short units both go to the worker that loaded first (two in flight per worker); the
+    # other is still loading when they are back, and is kept for the third stage rather than ended
+    cfg = recover_config(str(tmp_path / "run"), ray={"workers": 2, "cpus_per_worker": 1})
+    storage = Storage(str(tmp_path / "run"))
+    kept = IdleWorkers(keep_seconds=60)
+    try:
+        first = run_stage_ray(sleep_stage(cfg, storage, [0.5, 0.5], "test/a"), cfg.ray, quiet=True, idle=kept)
+        assert first.complete and len(kept) == 2
+        slow = sleep_stage(cfg, storage, [0.1, 0.1], "test/b", slow_open=(3.0, str(tmp_path / "opened")))
+        second = run_stage_ray(slow, cfg.ray, quiet=True, idle=kept)
+        assert second.complete and second.workers_started == 2 and len(kept) == 2
+        third = run_stage_ray(sleep_stage(cfg, storage, [0.5, 0.5], "test/c"), cfg.ray, quiet=True, idle=kept)
+        assert third.complete and len(kept) == 2
+        assert _record_pids(tmp_path / "run", "test/c") <= _record_pids(tmp_path / "run", "test/a")
+    finally:
+        kept.close()
 
 
 def test_a_reset_peak_is_what_the_process_holds_now():
