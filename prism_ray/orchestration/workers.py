@@ -432,13 +432,13 @@ class WorkerPool:
         if self.idle is not None:
             self.idle.expire()
 
-    def settle_loads(self, timeout: float = LOAD_SETTLE_SECONDS) -> None:
-        """Every unit is back: wait up to `timeout` for kept workers still loading this stage, so that `end_idle`
-        keeps them. One whose load failed or is not done by then is ended (the stage needs it no more)."""
+    def settle_loads(self) -> None:
+        """Every unit is back: wait up to LOAD_SETTLE_SECONDS for kept workers still loading this stage, so that
+        `end_idle` keeps them. One whose load failed or is not done by then is ended (the stage needs it no more)."""
         loading = {m.ready_ref: m for m in self.members.values() if m.kept and m.ready_ref is not None}
         if not loading:
             return
-        done, _ = ray.wait(list(loading), num_returns=len(loading), timeout=timeout)
+        done, _ = ray.wait(list(loading), num_returns=len(loading), timeout=LOAD_SETTLE_SECONDS)
         for ref in done:
             member = loading[ref]
             try:
