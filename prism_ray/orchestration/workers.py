@@ -383,7 +383,7 @@ class WorkerPool:
             return False
         if info.get("error"):
             self._fail_start(info)
-        member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
+        self._mark_ready(member, info)
         self.run.report.events.append(("ready", time.time(), member.sid))
         self._start_deaths = 0
         waiting = len(self.starting())
@@ -434,24 +434,22 @@ class WorkerPool:
 
     def settle_loads(self) -> None:
         """Every unit is back: wait up to LOAD_SETTLE_SECONDS for kept workers still loading this stage, so that
-        `end_idle` keeps them. One whose load failed or is not done by then is ended (the stage needs it no more)."""
+        `end_idle` keeps them. One whose load failed or is not done by then stays loading: `close` ends it."""
         loading = {m.ready_ref: m for m in self.members.values() if m.kept and m.ready_ref is not None}
         if not loading:
             return
         done, _ = ray.wait(list(loading), num_returns=len(loading), timeout=LOAD_SETTLE_SECONDS)
         for ref in done:
-            member = loading[ref]
             try:
                 info = ray.get(ref)
             except ray.exceptions.RayActorError:
-                info = {"error": "lost"}
-            if info.get("error"):
-                self._drop(member)
-            else:
-                member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
-        for member in loading.values():
-            if member.ready_ref is not None:
-                self._drop(member)
+                continue
+            if not info.get("error"):
+                self._mark_ready(loading[ref], info)
+
+    @staticmethod
+    def _mark_ready(member: Member, info: dict) -> None:
+        member.ready_ref, member.node_id, member.node_ip = None, info["node_id"], info["node_ip"]
 
     def _drop(self, member: Member) -> None:
         self.members.pop(member.sid, None)
