@@ -122,23 +122,10 @@ def wait_until(predicate, timeout: float = 120, what: str = "the condition"):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
-def worker_actors(timeout: float = 60) -> list:
-    """The stage workers alive now, as Ray's state API lists them. The API goes through the head's dashboard,
-    which can be late to register under load ("Could not read 'dashboard' from GCS", seen once in CI): asked
-    again for up to `timeout` seconds."""
-    import time
-
+def worker_actors() -> list:
+    """The stage workers alive now, as Ray's state API lists them."""
     from ray.util.state import list_actors
-    deadline = time.time() + timeout
-    while True:
-        try:
-            actors = list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
-        except ConnectionError:
-            if time.time() > deadline:
-                raise
-            time.sleep(1)
-            continue
-        return [a for a in actors if a.class_name == "StageActor"]
+    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
 
 
 def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:
