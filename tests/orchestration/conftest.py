@@ -27,6 +27,7 @@ def ray_cluster():
         if ray.is_initialized():
             ray.shutdown()
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                          "include_dashboard": False,
                                                           "_system_config": FAST_SYSTEM_CONFIG})
         started.append(c)
         for _ in range(gpu_nodes):

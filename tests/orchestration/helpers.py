@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import posixpath
+from dataclasses import dataclass
 
 from prism_ray import pipeline
 from prism_ray.config_loader import config_from_dict
@@ -122,10 +123,19 @@ def wait_until(predicate, timeout: float = 120, what: str = "the condition"):
     raise AssertionError(f"{what} did not happen within {timeout} s")
 
 
-def worker_actors() -> list:
-    """The stage workers alive now, as Ray's state API lists them."""
-    from ray.util.state import list_actors
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
+@dataclass(frozen=True)
+class AliveActor:
+    name: str
+    node_id: str
+
+
+def worker_actors() -> list[AliveActor]:
+    """The stage workers alive now, read from the GCS's actor table. Not through `ray.util.state`: that asks the
+    head's dashboard, which on a loaded machine may not have registered yet ("Could not read 'dashboard' from
+    GCS"), and the test clusters start without one."""
+    from ray._private import state
+    return [AliveActor(a["Name"], a["Address"]["NodeID"]) for a in state.actors().values()
+            if a["State"] == "ALIVE" and a["ActorClassName"] == "StageActor"]
 
 
 def unit_nodes(storage: Storage, prefix: str) -> dict[str, str]:

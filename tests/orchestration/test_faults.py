@@ -18,7 +18,7 @@ from ray.cluster_utils import Cluster
 from prism_ray import pipeline
 from prism_ray.orchestration.dispatch import run_stage_ray
 from prism_ray.storage import ShardStore
-from tests.orchestration.helpers import check_exactly_once, planned_stage, recover_config
+from tests.orchestration.helpers import check_exactly_once, planned_stage, recover_config, worker_actors
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +31,7 @@ def cluster():
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
+                                                      "include_dashboard": False,
                                                       "_system_config": FAST_FAILURE_DETECTION})
     nodes = [c.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
     c.wait_for_nodes()
@@ -62,11 +63,6 @@ def _wait_committed(store: ShardStore, n: int, timeout: float = 120) -> int:
     raise AssertionError(f"fewer than {n} shards committed after {timeout} s")
 
 
-def _worker_actors():
-    from ray.util.state import list_actors
-    return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if a.class_name == "StageActor"]
-
-
 def _kill_driver_after(cmd: list[str], store: ShardStore, committed: int) -> int:
     """Start the driver, SIGKILL it once `committed` units are in, wait until Ray has ended its actors
     (so nothing commits behind the test's back); return how many units were committed then."""
@@ -78,9 +74,9 @@ def _kill_driver_after(cmd: list[str], store: ShardStore, committed: int) -> int
         driver.send_signal(signal.SIGKILL)
         driver.wait()
     deadline = time.time() + 60
-    while _worker_actors() and time.time() < deadline:
+    while worker_actors() and time.time() < deadline:
         time.sleep(0.2)
-    assert not _worker_actors()
+    assert not worker_actors()
     # Ray reports an actor dead before its process is gone: a commit already under way may still land. Count
     # once the count has held still for 3 s.
     count, since = len(store.committed()), time.time()
@@ -97,7 +93,7 @@ def test_killed_worker_actor(cluster, tmp_path):
                          ray={"workers": 3, "gpus_per_worker": 1, "cpus_per_worker": 0.5, "max_attempts": 1})
     stage, storage, thread, result = _start_stage(cfg)
     _wait_committed(stage.store, 2)
-    victim = _worker_actors()[0]
+    victim = worker_actors()[0]
     ray.kill(ray.get_actor(victim.name, namespace="prism-ray"), no_restart=True)
     thread.join(timeout=300)
     report = result["report"]
@@ -114,7 +110,7 @@ def test_removed_node(cluster, tmp_path):
                          ray={"workers": 3, "gpus_per_worker": 0.5, "cpus_per_worker": 0.25})
     stage, storage, thread, result = _start_stage(cfg)
     _wait_committed(stage.store, 2)
-    busy = {a.node_id for a in _worker_actors()}
+    busy = {a.node_id for a in worker_actors()}
     victim = next(n for n in nodes if n.node_id in busy)
     c.remove_node(victim, allow_graceful=False)
     thread.join(timeout=300)
@@ -198,7 +194,7 @@ def test_evaluation_actor_killed_resumes_from_checkpoint(cluster, tmp_path):
     while not storage.exists(checkpoints.pointer) and time.time() < deadline:
         time.sleep(0.05)
     saved_epoch = checkpoints.load()["epoch"]  # verified against its sha256, loaded with weights_only
-    (victim,) = _worker_actors()
+    (victim,) = worker_actors()
     ray.kill(ray.get_actor(victim.name, namespace="prism-ray"), no_restart=True)
     thread.join(timeout=600)
     report = result["report"]

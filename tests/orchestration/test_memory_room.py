@@ -20,7 +20,7 @@ def small_node():
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "memory": 300 * 2**20,
-                                                      "node_ip_address": "127.0.0.1"})
+                                                      "node_ip_address": "127.0.0.1", "include_dashboard": False})
     ray.init(address=c.address, namespace="prism-ray", log_to_driver=False)
     yield c
     ray.shutdown()
