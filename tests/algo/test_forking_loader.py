@@ -4,13 +4,19 @@ fork from this process only in a Ray worker; elsewhere they start from a forkser
 from __future__ import annotations
 
 import gc
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from prism_ray.algo import image_source
 from prism_ray.algo.image_source import loader_context, stream
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 class _Cycle:
@@ -44,11 +50,27 @@ def _finalizing_pids(log, make_loader) -> set[int]:
     return {int(line) for line in log.read_text().split()}
 
 
+# In a fresh interpreter: forked from this test process, full of Ray's and the S3 server's threads, the plain
+# loader's workers can crash on the very hazard shown (CI once saw one segfault there).
+PLAIN_LOADER = """
+import json, os, sys
+from pathlib import Path
+import torch
+from tests.algo.test_forking_loader import _CollectingItems, _finalizing_pids
+pids = _finalizing_pids(Path(sys.argv[1]), lambda: torch.utils.data.DataLoader(
+    _CollectingItems(), batch_size=2, num_workers=2, multiprocessing_context="fork"))
+print(json.dumps({"parent": os.getpid(), "finalized_in": sorted(pids)}))
+"""
+
+
 def test_a_plain_dataloader_finalizes_the_parents_garbage_in_its_workers(tmp_path):
     """The hazard: with a plain DataLoader the parent's garbage is finalized in the forked workers."""
-    pids = _finalizing_pids(tmp_path / "plain", lambda: torch.utils.data.DataLoader(
-        _CollectingItems(), batch_size=2, num_workers=2))
-    assert os.getpid() in pids and len(pids - {os.getpid()}) >= 1
+    out = subprocess.run([sys.executable, "-c", PLAIN_LOADER, str(tmp_path / "plain")], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    parent, pids = seen["parent"], set(seen["finalized_in"])
+    assert parent in pids and len(pids - {parent}) >= 1
 
 
 @pytest.mark.parametrize("start", ["fork", "here"])
