@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torchvision
 from torch import nn
 
 SMALL_INPUT_MAX = 64  # at or below this resolution, the small-input variant is built
@@ -35,6 +34,15 @@ class ConvNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(torch.flatten(self.pool(self.features(x)), 1))
+
+
+def _torchvision(name: str) -> Callable[..., nn.Module]:
+    """torchvision's model constructor `name`, imported when a model is first built: importing torchvision costs
+    about a CPU-second (it imports torch._dynamo), which a worker that builds only ConvNets need not pay."""
+    def construct(**kwargs) -> nn.Module:
+        import torchvision.models
+        return getattr(torchvision.models, name)(**kwargs)
+    return construct
 
 
 def _stem(in_channels: int, out_channels: int, stride: int, bias: bool = False) -> nn.Conv2d:
@@ -93,7 +101,7 @@ def _shufflenet(fn: Callable) -> Callable:
 
 
 def _alexnet(num_classes: int, in_channels: int, small: bool) -> nn.Module:
-    m = torchvision.models.alexnet(num_classes=num_classes)
+    m = _torchvision("alexnet")(num_classes=num_classes)
     if small:
         # 11x11 stride 4 then three max-pools would leave nothing of a 28 px image.
         m.features[0] = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1)
@@ -141,27 +149,27 @@ def _probe(num_classes: int, in_channels: int, small: bool) -> nn.Module:
                          nn.Linear(32, num_classes))
 
 
-tvm = torchvision.models
 ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "convnet": _convnet,
-    "resnet18": _resnet(tvm.resnet18),
-    "resnet34": _resnet(tvm.resnet34),
-    "resnet50": _resnet(tvm.resnet50),
-    "resnet101": _resnet(tvm.resnet101),
-    "resnet152": _resnet(tvm.resnet152),
-    "wide_resnet50_2": _resnet(tvm.wide_resnet50_2),
-    "mobilenet_v2": _stem_at_features(tvm.mobilenet_v2),
-    "mobilenet_v2_x0_5": _stem_at_features(tvm.mobilenet_v2, width_mult=0.5),  # no torchvision weights: small data
-    "mobilenet_v3_small": _stem_at_features(tvm.mobilenet_v3_small),
-    "mobilenet_v3_large": _stem_at_features(tvm.mobilenet_v3_large),
-    "efficientnet_b0": _stem_at_features(tvm.efficientnet_b0),
-    "efficientnet_b1": _stem_at_features(tvm.efficientnet_b1),
-    "shufflenet_v2_x0_5": _shufflenet(tvm.shufflenet_v2_x0_5),
-    "shufflenet_v2_x1_0": _shufflenet(tvm.shufflenet_v2_x1_0),
+    "resnet18": _resnet(_torchvision("resnet18")),
+    "resnet34": _resnet(_torchvision("resnet34")),
+    "resnet50": _resnet(_torchvision("resnet50")),
+    "resnet101": _resnet(_torchvision("resnet101")),
+    "resnet152": _resnet(_torchvision("resnet152")),
+    "wide_resnet50_2": _resnet(_torchvision("wide_resnet50_2")),
+    "mobilenet_v2": _stem_at_features(_torchvision("mobilenet_v2")),
+    # no torchvision weights: for small data
+    "mobilenet_v2_x0_5": _stem_at_features(_torchvision("mobilenet_v2"), width_mult=0.5),
+    "mobilenet_v3_small": _stem_at_features(_torchvision("mobilenet_v3_small")),
+    "mobilenet_v3_large": _stem_at_features(_torchvision("mobilenet_v3_large")),
+    "efficientnet_b0": _stem_at_features(_torchvision("efficientnet_b0")),
+    "efficientnet_b1": _stem_at_features(_torchvision("efficientnet_b1")),
+    "shufflenet_v2_x0_5": _shufflenet(_torchvision("shufflenet_v2_x0_5")),
+    "shufflenet_v2_x1_0": _shufflenet(_torchvision("shufflenet_v2_x1_0")),
     "alexnet": _alexnet,
-    "densenet121": _densenet(tvm.densenet121),
-    "vgg11_bn": _vgg(tvm.vgg11_bn),
-    "vgg16_bn": _vgg(tvm.vgg16_bn),
+    "densenet121": _densenet(_torchvision("densenet121")),
+    "vgg11_bn": _vgg(_torchvision("vgg11_bn")),
+    "vgg16_bn": _vgg(_torchvision("vgg16_bn")),
     "probe": _probe,
 }
 
@@ -237,6 +245,7 @@ def torchvision_weights(arch: str, weights_name: str):
     """The torchvision weights enum member `weights_name` of `arch` (no download); TeacherError names the choices."""
     if not weights_name:
         raise TeacherError("torchvision: needs a weights name, e.g. torchvision:IMAGENET1K_V1")
+    import torchvision.models
     try:
         enum = torchvision.models.get_model_weights(arch)
     except (KeyError, ValueError):
