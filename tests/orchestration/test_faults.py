@@ -18,27 +18,40 @@ from ray.cluster_utils import Cluster
 from prism_ray import pipeline
 from prism_ray.orchestration.dispatch import run_stage_ray
 from prism_ray.storage import ShardStore
-from tests.orchestration.helpers import check_exactly_once, planned_stage, recover_config, worker_actors
+from tests.orchestration.helpers import (check_exactly_once, planned_stage, recover_config, wait_until,
+                                         worker_actors)
 
 pytestmark = pytest.mark.slow
 
 FAST_FAILURE_DETECTION = {"health_check_period_ms": 200, "health_check_failure_threshold": 3}
 
 
-@pytest.fixture
-def cluster():
-    """Head (no GPU) plus three nodes with one fake GPU each, all on loopback; this process is a driver."""
+@pytest.fixture(scope="module")
+def _module_cluster():
+    """Head (no GPU) plus three nodes with one fake GPU each, all on loopback; this process is a driver. One for
+    the module: a four-node cluster costs ~9 CPU-seconds to start and stop here."""
     if ray.is_initialized():
         ray.shutdown()
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "node_ip_address": "127.0.0.1",
                                                       "include_dashboard": False,
                                                       "_system_config": FAST_FAILURE_DETECTION})
-    nodes = [c.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1") for _ in range(3)]
-    c.wait_for_nodes()
     ray.init(address=c.address, namespace="prism-ray", log_to_driver=False)
-    yield c, nodes
+    yield c
     ray.shutdown()
     c.shutdown()
+
+
+@pytest.fixture
+def cluster(_module_cluster):
+    """The module's cluster as each test expects it: three GPU nodes (one replaces a node an earlier test
+    removed) and no stage worker of an earlier test alive."""
+    c = _module_cluster
+    wait_until(lambda: not worker_actors(), what="an earlier test's workers ending")
+    while len(c.worker_nodes) < 3:
+        c.add_node(num_cpus=1, num_gpus=1, node_ip_address="127.0.0.1")
+    c.wait_for_nodes()
+    wait_until(lambda: sum(n["Alive"] for n in ray.nodes()) == 4, what="four live nodes")
+    return c, list(c.worker_nodes)
 
 
 def _start_stage(cfg):
