@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from collections import defaultdict
 
@@ -223,8 +224,15 @@ def diversity_table(figures: dict) -> str:
              f"(lower = more diverse):", "", "| set | mean over classes | least diverse class | most diverse class |",
              "|---|---|---|---|"]
     for d in figures["diversity"]:
-        lines.append(f"| {d['set']} | {d['mean_cosine']:.4f} | {d['max_class']:.4f} | {d['min_class']:.4f} |")
+        lines.append(f"| {d['set']} | {_cosine(d['mean_cosine'])} | {_cosine(d['max_class'])} | "
+                     f"{_cosine(d['min_class'])} |")
+    if any(math.isnan(d["mean_cosine"]) for d in figures["diversity"]):
+        lines += ["", "n/a: the set has one image per class, so no pair to compare."]
     return "\n".join(lines)
+
+
+def _cosine(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.4f}"
 
 
 def accuracy_matrix(figures: dict) -> str:
