@@ -13,7 +13,7 @@ S3 requests by kind on the data bucket and on the run bucket, and the files and 
 then the time of `plan`, `status` and a resume scan (the same run again, everything committed).
 
     python bench/rehearsal.py                  # the full shape (~1 h on 2 cores; `make rehearsal`)
-    python bench/rehearsal.py --shape ci       # 1000 classes, IPC 2, 64 px: minutes (tests/test_rehearsal.py)
+    python bench/rehearsal.py --shape ci       # 1000 classes, IPC 1, 64 px: minutes (tests/test_rehearsal.py)
 """
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ class Shape:
 # It decodes no image when listing: at full shape `auto` leaves the 52,000 train images undecoded, and at CI size
 # decoding all 4,000 would be a third of the index step's time.
 SHAPES = {"full": Shape(1000, 52, 10, (300, 500), 224, 50, True, "auto"),
-          "ci": Shape(1000, 3, 1, (64, 96), 64, 2, False, "false")}
+          "ci": Shape(1000, 3, 1, (64, 96), 64, 1, False, "false")}
 
 
 @dataclass

@@ -26,8 +26,8 @@ def test_ci_shape_rehearsal(tmp_path):
     reports = {r["stage"]: r for name in ("recover", "relabel", "evaluate") for r in steps[name]["reports"]}
     assert set(reports) == {"recover/prism", "relabel", "evaluate/diversity", "evaluate/students"}  # PRISM alone
     assert all(r["complete"] for r in reports.values())
-    assert reports["recover/prism"]["total"] == 2 * 10  # IPC 2 x 10 groups of 100 classes
-    assert reports["recover/prism"]["images"] == 2000
+    assert reports["recover/prism"]["total"] == 10  # IPC 1 x 10 groups of 100 classes
+    assert reports["recover/prism"]["images"] == 1000
     assert all(r["worker_peak_rss"] > 0 for r in reports.values() if r["ran"])  # the workers' own figures
     assert steps["resume scan"]["reports"] and all(r["ran"] == 0 for r in steps["resume scan"]["reports"])
     assert "| recover |" in table(result)
