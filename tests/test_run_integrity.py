@@ -37,11 +37,19 @@ def integrity_config(output: str):
     return pipeline_config(output, relabel=RELABEL, evaluate=EVALUATE)
 
 
+@pytest.fixture(autouse=True)
+def _runs_share_workers(kept_workers, monkeypatch):
+    """Every run of a test, the in-process CLI's too, takes and leaves its workers in the module's kept ones, as a
+    sweep's points do: each run would otherwise start its own (a new worker costs ~2.4 CPU-seconds here)."""
+    execute = pipeline.execute
+    monkeypatch.setattr(pipeline, "execute", lambda *args, **kw: execute(*args, **{"idle": kept_workers, **kw}))
+
+
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
+def finished(tmp_path_factory, kept_workers):
     """A finished run of every stage (PRISM and random real, stored labels, two students): copied per test."""
     cfg = integrity_config(str(tmp_path_factory.mktemp("integrity") / "run"))
-    reports = pipeline.execute(cfg, list(cfg.run.stages), quiet=True)
+    reports = pipeline.execute(cfg, list(cfg.run.stages), quiet=True, idle=kept_workers)
     assert all(r.complete for r in reports)
     return cfg
 
