@@ -73,6 +73,16 @@ def kept_workers(ray_local):
     kept.close()
 
 
+@pytest.fixture
+def runs_share_kept_workers(kept_workers, monkeypatch):
+    """Every pipeline run of the test, the in-process CLI's too, takes and leaves its workers in the module's kept
+    ones, as a sweep's points do: each run would otherwise start its own (~2.4 CPU-seconds a worker here)."""
+    from prism_ray import pipeline
+
+    execute = pipeline.execute
+    monkeypatch.setattr(pipeline, "execute", lambda *args, **kw: execute(*args, **{"idle": kept_workers, **kw}))
+
+
 def small_config(output: str, **sections):
     """A config for tests: Fashion-MNIST, few images, tiny teachers, local storage unless told."""
     from prism_ray.config_loader import config_from_dict

@@ -19,7 +19,7 @@ from prism_ray.status import verify_run
 from prism_ray.storage import ShardStore, Storage, sha256
 from tests.orchestration.helpers import check_exactly_once, pipeline_config, recover_config
 
-pytestmark = pytest.mark.usefixtures("ray_local")
+pytestmark = pytest.mark.usefixtures("ray_local", "runs_share_kept_workers")
 
 
 def write_config(cfg, path) -> str:
@@ -35,14 +35,6 @@ EVALUATE = {"recipe": "prism", "students": ["convnet"], "seeds": [0, 1], "epochs
 
 def integrity_config(output: str):
     return pipeline_config(output, relabel=RELABEL, evaluate=EVALUATE)
-
-
-@pytest.fixture(autouse=True)
-def _runs_share_workers(kept_workers, monkeypatch):
-    """Every run of a test, the in-process CLI's too, takes and leaves its workers in the module's kept ones, as a
-    sweep's points do: each run would otherwise start its own (a new worker costs ~2.4 CPU-seconds here)."""
-    execute = pipeline.execute
-    monkeypatch.setattr(pipeline, "execute", lambda *args, **kw: execute(*args, **{"idle": kept_workers, **kw}))
 
 
 @pytest.fixture(scope="module")

@@ -49,7 +49,9 @@ def _stem(in_channels: int, out_channels: int, stride: int, bias: bool = False) 
     return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1, bias=bias)
 
 
-def _resnet(fn: Callable) -> Callable:
+def _resnet(name: str) -> Callable:
+    fn = _torchvision(name)
+
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
         m = fn(num_classes=num_classes)
         if small:
@@ -79,7 +81,9 @@ def _first_conv_in(module: nn.Module, path: list, in_channels: int, small: bool)
         setattr(parent, last, new)
 
 
-def _stem_at_features(fn: Callable, **kwargs) -> Callable:
+def _stem_at_features(name: str, **kwargs) -> Callable:
+    fn = _torchvision(name)
+
     """MobileNet / EfficientNet family: the stem conv is features[0][0]."""
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
         m = fn(num_classes=num_classes, **kwargs)
@@ -89,7 +93,9 @@ def _stem_at_features(fn: Callable, **kwargs) -> Callable:
     return build
 
 
-def _shufflenet(fn: Callable) -> Callable:
+def _shufflenet(name: str) -> Callable:
+    fn = _torchvision(name)
+
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
         m = fn(num_classes=num_classes)
         if small or in_channels != 3:
@@ -110,7 +116,9 @@ def _alexnet(num_classes: int, in_channels: int, small: bool) -> nn.Module:
     return m
 
 
-def _densenet(fn: Callable) -> Callable:
+def _densenet(name: str) -> Callable:
+    fn = _torchvision(name)
+
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
         m = fn(num_classes=num_classes)
         if small:
@@ -122,7 +130,9 @@ def _densenet(fn: Callable) -> Callable:
     return build
 
 
-def _vgg(fn: Callable) -> Callable:
+def _vgg(name: str) -> Callable:
+    fn = _torchvision(name)
+
     def build(num_classes: int, in_channels: int, small: bool) -> nn.Module:
         m = fn(num_classes=num_classes)
         if in_channels != 3:
@@ -151,25 +161,25 @@ def _probe(num_classes: int, in_channels: int, small: bool) -> nn.Module:
 
 ARCHITECTURES: dict[str, Callable[[int, int, bool], nn.Module]] = {
     "convnet": _convnet,
-    "resnet18": _resnet(_torchvision("resnet18")),
-    "resnet34": _resnet(_torchvision("resnet34")),
-    "resnet50": _resnet(_torchvision("resnet50")),
-    "resnet101": _resnet(_torchvision("resnet101")),
-    "resnet152": _resnet(_torchvision("resnet152")),
-    "wide_resnet50_2": _resnet(_torchvision("wide_resnet50_2")),
-    "mobilenet_v2": _stem_at_features(_torchvision("mobilenet_v2")),
+    "resnet18": _resnet("resnet18"),
+    "resnet34": _resnet("resnet34"),
+    "resnet50": _resnet("resnet50"),
+    "resnet101": _resnet("resnet101"),
+    "resnet152": _resnet("resnet152"),
+    "wide_resnet50_2": _resnet("wide_resnet50_2"),
+    "mobilenet_v2": _stem_at_features("mobilenet_v2"),
     # no torchvision weights: for small data
-    "mobilenet_v2_x0_5": _stem_at_features(_torchvision("mobilenet_v2"), width_mult=0.5),
-    "mobilenet_v3_small": _stem_at_features(_torchvision("mobilenet_v3_small")),
-    "mobilenet_v3_large": _stem_at_features(_torchvision("mobilenet_v3_large")),
-    "efficientnet_b0": _stem_at_features(_torchvision("efficientnet_b0")),
-    "efficientnet_b1": _stem_at_features(_torchvision("efficientnet_b1")),
-    "shufflenet_v2_x0_5": _shufflenet(_torchvision("shufflenet_v2_x0_5")),
-    "shufflenet_v2_x1_0": _shufflenet(_torchvision("shufflenet_v2_x1_0")),
+    "mobilenet_v2_x0_5": _stem_at_features("mobilenet_v2", width_mult=0.5),
+    "mobilenet_v3_small": _stem_at_features("mobilenet_v3_small"),
+    "mobilenet_v3_large": _stem_at_features("mobilenet_v3_large"),
+    "efficientnet_b0": _stem_at_features("efficientnet_b0"),
+    "efficientnet_b1": _stem_at_features("efficientnet_b1"),
+    "shufflenet_v2_x0_5": _shufflenet("shufflenet_v2_x0_5"),
+    "shufflenet_v2_x1_0": _shufflenet("shufflenet_v2_x1_0"),
     "alexnet": _alexnet,
-    "densenet121": _densenet(_torchvision("densenet121")),
-    "vgg11_bn": _vgg(_torchvision("vgg11_bn")),
-    "vgg16_bn": _vgg(_torchvision("vgg16_bn")),
+    "densenet121": _densenet("densenet121"),
+    "vgg11_bn": _vgg("vgg11_bn"),
+    "vgg16_bn": _vgg("vgg16_bn"),
     "probe": _probe,
 }
 

@@ -13,7 +13,6 @@ import pytest
 import yaml
 from PIL import Image
 
-from prism_ray import pipeline
 from prism_ray.cli import main
 from tests.support.s3_proxy import KINDS, S3RequestCounter, classify
 
@@ -88,10 +87,8 @@ def _config(path, data_bucket: str, output: str, endpoint: str) -> str:
 
 
 @pytest.mark.slow
-def test_workers_plan_and_status_never_list_the_data(tmp_path, s3_endpoint, proxy, capsys, kept_workers, monkeypatch):
-    # the three runs on Ray take and leave their workers in the module's kept ones, as a sweep's points do
-    execute = pipeline.execute
-    monkeypatch.setattr(pipeline, "execute", lambda *args, **kw: execute(*args, **{"idle": kept_workers, **kw}))
+@pytest.mark.usefixtures("runs_share_kept_workers")
+def test_workers_plan_and_status_never_list_the_data(tmp_path, s3_endpoint, proxy, capsys):
     data, runs = _bucket(s3_endpoint, "data"), _bucket(s3_endpoint, "runs")
     _upload_image_folder(s3_endpoint, data)
     cfg = _config(tmp_path / "c.yaml", data, f"s3://{runs}/run", proxy.url)
